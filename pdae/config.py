@@ -1,0 +1,183 @@
+"""Typed configuration mirroring params.yaml. The only place defaults live.
+
+Each params.yaml section maps to one frozen pydantic model. `load_params` validates the sections a caller reads and
+turns any problem into one PdaeError line that names the key, e.g.
+``params.yaml: train.lr: Input should be greater than 0 (got -1)``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pdae.errors import PdaeError
+
+PARAMS_FILE = "params.yaml"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# Shared settings: seed, dataset, resolution, device and CPU threads.
+class BaseConfig(Section):
+    seed: int = 0
+    dataset: Literal["digits", "shapes", "folder"] = "digits"
+    image_size: int = Field(16, ge=8, le=1024)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = Field(2, ge=1, le=256)
+
+    @model_validator(mode="after")
+    def _power_of_two(self) -> BaseConfig:
+        if self.image_size & (self.image_size - 1):
+            raise ValueError(f"image_size must be a power of two (got {self.image_size})")
+        return self
+
+
+# Dataset preparation and the label classifier that scores generated images.
+class PrepareConfig(Section):
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    folder: str | None = None  # image folder (dataset: folder)
+    attributes: str | None = None  # CSV with a filename column, or CelebA-style ±1 table
+    filename_column: str = "filename"
+    channels: Literal[1, 3] | None = None  # folder data: force greyscale/RGB (default: RGB)
+    shapes_count: int = Field(3000, ge=50)
+    classifier_epochs: int = Field(30, ge=0)
+    classifier_width: int = Field(32, ge=4)
+
+
+# Baseline (frozen) DPM: where it comes from and, for source=train, how it is pre-trained.
+class BaselineConfig(Section):
+    source: Literal["train", "diffusers", "url", "pdae-official", "diffae"] = "train"
+    path: str | None = None  # diffusers hub id or folder; local official checkpoint
+    url: str | None = None
+    sha256: str | None = None
+    channels: list[int] = Field(default_factory=lambda: [32, 64, 64])
+    layers_per_block: int = Field(1, ge=1)
+    attention_head_dim: int = Field(16, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    images: int = Field(120_000, ge=0)  # training length in images seen
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    bf16: bool = False
+    checkpoint_every: int = Field(500, ge=1)  # optimizer steps
+    n_samples: int = Field(256, ge=1)
+    sample_steps: int = Field(100, ge=1, le=1000)
+
+    @model_validator(mode="after")
+    def _source_fields(self) -> BaselineConfig:
+        if self.source in ("diffusers", "pdae-official", "diffae") and not (self.path or self.url):
+            raise ValueError(f"source '{self.source}' needs baseline.path (or baseline.url)")
+        if self.source == "url" and not (self.url and self.sha256):
+            raise ValueError("source 'url' needs baseline.url and baseline.sha256")
+        if self.sha256 is not None and (len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256)):
+            raise ValueError("sha256 must be 64 lowercase hex digits")
+        return self
+
+
+# PDAE training (encoder E + gradient estimator G on the frozen baseline).
+class TrainConfig(Section):
+    z_dim: int = Field(64, ge=1)
+    encoder_channels: list[int] | None = None  # default: derived from image size
+    dropout: float = Field(0.0, ge=0, lt=1)
+    images: int = Field(60_000, ge=0)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    weighting: Literal["pdae", "uniform"] = "pdae"
+    gamma: float = Field(0.1, ge=0, le=1)
+    hflip: bool = False
+    bf16: bool = False
+    checkpoint_every: int = Field(200, ge=1)
+    eval_images: int = Field(200, ge=1)  # test images for the reconstruction metrics
+    eval_steps: int = Field(100, ge=1, le=1000)
+
+
+# Latent encoding of the prepared splits.
+class EncodeConfig(Section):
+    batch_size: int = Field(256, ge=1)
+    xT_images: int = Field(200, ge=0)  # test images whose x_T is inferred
+    xT_steps: int = Field(100, ge=1, le=1000)
+
+
+SECTIONS: dict[str, type[Section]] = {
+    "base": BaseConfig,
+    "prepare": PrepareConfig,
+    "baseline": BaselineConfig,
+    "train": TrainConfig,
+    "encode": EncodeConfig,
+}
+
+
+def _format_error(section: str, err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in (section, *first["loc"]))
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = f"unknown key; allowed keys: {', '.join(SECTIONS[section].model_fields)}"
+    elif "input" in first and first["type"] not in ("value_error", "model_type", "missing"):
+        msg = f"{msg} (got {first['input']!r})"
+    return f"{source}: {loc}: {msg}."
+
+
+def parse_section(section: str, values: dict[str, Any] | None, source: str = PARAMS_FILE) -> Section:
+    """Validate one section's dict into its typed model."""
+    if section not in SECTIONS:
+        raise PdaeError(f"{source}: unknown section '{section}'; known sections: {', '.join(SECTIONS)}.")
+    if values is not None and not isinstance(values, dict):
+        raise PdaeError(f"{source}: section '{section}' must be a mapping of keys to values.")
+    try:
+        return SECTIONS[section](**(values or {}))
+    except ValidationError as err:
+        raise PdaeError(_format_error(section, err, source)) from None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Apply dotted `section.key=value` overrides (values parsed as YAML) to a raw params dict."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for item in overrides or []:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise PdaeError(f"override '{item}' must look like section.key=value (e.g. train.lr=1e-4).")
+        key, value = item.split("=", 1)
+        section, name = key.split(".", 1)
+        out.setdefault(section, {})
+        if not isinstance(out[section], dict):
+            raise PdaeError(f"override '{item}': section '{section}' is not a mapping.")
+        out[section][name] = yaml.safe_load(value)
+    return out
+
+
+def read_params_file(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise PdaeError(f"params file not found: {path} — run from the project folder or pass --params.")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise PdaeError(f"{path} is not valid YAML ({str(err).splitlines()[0]}); fix its syntax.") from None
+    if not isinstance(raw, dict):
+        raise PdaeError(f"{path} must be a mapping of sections.")
+    return raw
+
+
+def load_params(
+    path: str | Path = PARAMS_FILE, sections: list[str] | None = None, overrides: list[str] | None = None
+) -> dict[str, Section]:
+    """Read params.yaml, apply overrides, validate `sections` (default: all present + base)."""
+    raw = apply_overrides(read_params_file(path), overrides)
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise PdaeError(f"{path}: unknown section '{unknown[0]}'; known sections: {', '.join(SECTIONS)}.")
+    wanted = sections if sections is not None else list(SECTIONS)
+    if "base" not in wanted:
+        wanted = ["base", *wanted]
+    return {name: parse_section(name, raw.get(name), str(path)) for name in wanted}
+
+
+def as_dict(section: Section) -> dict[str, Any]:
+    """Plain dict of a section (for logging)."""
+    return section.model_dump()
