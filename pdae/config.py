@@ -74,7 +74,9 @@ class BaselineConfig(Section):
             raise ValueError(f"source '{self.source}' needs baseline.path (or baseline.url)")
         if self.source == "url" and not (self.url and self.sha256):
             raise ValueError("source 'url' needs baseline.url and baseline.sha256")
-        if self.sha256 is not None and (len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256)):
+        if self.sha256 is not None and (
+            len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256)
+        ):
             raise ValueError("sha256 must be 64 lowercase hex digits")
         return self
 

@@ -52,7 +52,9 @@ def load_tensors(path: str | os.PathLike, what: str = "file") -> dict[str, torch
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise PdaeError(f"{what} {path} is not a readable safetensors file ({err}); delete it and re-create it.") from err
+        raise PdaeError(
+            f"{what} {path} is not a readable safetensors file ({err}); delete it and re-create it."
+        ) from err
 
 
 def load_metadata(path: str | os.PathLike) -> dict[str, str]:

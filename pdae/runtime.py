@@ -1,0 +1,37 @@
+"""Process setup shared by stages and the CLI: seeds, thread count, device."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+
+from pdae.errors import PdaeError
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> CUDA when present, else CPU; 'cuda' without a GPU is a user error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise PdaeError(f"device '{device}' requested but no CUDA GPU is visible; set base.device: auto or cpu.")
+    try:
+        return torch.device(device)
+    except RuntimeError as err:
+        raise PdaeError(f"device '{device}' is not a valid torch device ({err}); use auto, cpu or cuda.") from None
+
+
+def setup(seed: int, threads: int, device: str = "auto") -> torch.device:
+    """Seed all RNGs, pin the CPU thread count (determinism on CPU) and return the device."""
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    torch.set_num_threads(threads)
+    seed_everything(seed)
+    return resolve_device(device)
