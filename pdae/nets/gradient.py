@@ -1,0 +1,132 @@
+"""The gradient estimator G(x_t, z, t) (PDAE.md §2): a new, z-conditioned middle block and up path that mirror the
+frozen UNet's channel plan and consume the frozen down path's features."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pdae.nets.backbone import Features, UpBlockPlan, UpPathPlan
+from pdae.nets.layers import SelfAttention, group_norm, zero_module
+
+
+# ResBlock conditioned on time and z by "scale and shift twice": (1 + s_z) * (GN(h) * (1 + s_t) + b_t) + b_z.
+class ZResBlock(nn.Module):
+    """z-ResBlock.
+
+    h = conv1(SiLU(GN(x))) (nearest x2 before conv1 when `up`); (s_t, b_t) = Linear_t(SiLU(t_emb));
+    (s_z, b_z) = Linear_z(SiLU(z_emb)); h = (1 + s_z) * (GN(h) * (1 + s_t) + b_t) + b_z;
+    return skip(x) + conv2(Dropout(SiLU(h))) with conv2 zero-initialised, skip = identity or 1x1 conv.
+
+    forward(x (N, in, H, W), t_act (N, E), z_act (N or 1, E)) -> (N, out, H', W'), H' = 2H when `up`.
+    t_act / z_act are SiLU(t_emb) / SiLU(z_emb), computed once per G forward.
+    """
+
+    def __init__(
+        self, in_ch: int, out_ch: int, emb_dim: int, dropout: float = 0.0, up: bool = False, groups: int = 32,
+        eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        self.up = up
+        self.norm1 = group_norm(in_ch, groups, eps)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.t_proj = nn.Linear(emb_dim, 2 * out_ch)
+        self.z_proj = nn.Linear(emb_dim, 2 * out_ch)
+        self.norm2 = group_norm(out_ch, groups, eps)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = zero_module(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.skip = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
+
+    def forward(self, x: torch.Tensor, t_act: torch.Tensor, z_act: torch.Tensor) -> torch.Tensor:
+        h = F.silu(self.norm1(x))
+        if self.up:
+            h = F.interpolate(h, scale_factor=2.0, mode="nearest")
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        h = self.conv1(h)
+        s_t, b_t = self.t_proj(t_act)[:, :, None, None].chunk(2, dim=1)
+        s_z, b_z = self.z_proj(z_act)[:, :, None, None].chunk(2, dim=1)
+        h = torch.addcmul(b_z, 1 + s_z, torch.addcmul(b_t, self.norm2(h), 1 + s_t))
+        h = self.conv2(self.dropout(F.silu(h)))
+        return self.skip(x) + h
+
+
+# Nearest x2 then 3x3 conv: mirrors diffusers' Upsample2D for UNets that upsample with a conv.
+class UpsampleConv(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, t_act: torch.Tensor, z_act: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class UpLevel(nn.Module):
+    """One up-path level of G: z-ResBlocks (each after concatenating one skip), optional attention after each,
+    optional upsampler."""
+
+    def __init__(self, plan: UpBlockPlan, emb_dim: int, dropout: float, groups: int, eps: float) -> None:
+        super().__init__()
+        self.resnets = nn.ModuleList()
+        hidden = plan.in_channels
+        for skip in plan.skip_channels:
+            self.resnets.append(ZResBlock(hidden + skip, plan.out_channels, emb_dim, dropout, False, groups, eps))
+            hidden = plan.out_channels
+        heads = plan.attention_heads
+        self.attentions = nn.ModuleList(
+            [SelfAttention(hidden, heads, groups, eps) for _ in plan.skip_channels] if heads else []
+        )
+        if plan.upsample == "resnet":
+            self.upsampler: nn.Module | None = ZResBlock(hidden, hidden, emb_dim, dropout, True, groups, eps)
+        elif plan.upsample == "conv":
+            self.upsampler = UpsampleConv(hidden)
+        else:
+            self.upsampler = None
+
+
+class GradientEstimator(nn.Module):
+    """G: predicts the mean shift from frozen features and z. Randomly initialised; G == 0 at initialisation.
+
+    Built from a Backbone's UpPathPlan: z_emb = Linear(z_dim -> E); middle block (z-ResBlock, attention,
+    z-ResBlock); an up path with exactly the frozen up path's channel plan, consuming the same skips; output head
+    GroupNorm -> SiLU -> zero-initialised 3x3 conv -> image channels. Every residual branch's last layer is zero, too.
+
+    Args:
+        plan: the frozen UNet's up-path plan (Backbone.plan).
+        z_dim: size of the semantic code z.
+        dropout: dropout inside the z-ResBlocks.
+    """
+
+    def __init__(self, plan: UpPathPlan, z_dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.plan, self.z_dim = plan, z_dim
+        e, c, g, eps = plan.emb_dim, plan.mid_channels, plan.norm_groups, plan.norm_eps
+        self.z_emb = nn.Linear(z_dim, e)
+        self.mid = nn.ModuleList(
+            [
+                ZResBlock(c, c, e, dropout, False, g, eps),
+                SelfAttention(c, plan.mid_attention_heads or 1, g, eps),
+                ZResBlock(c, c, e, dropout, False, g, eps),
+            ]
+        )
+        self.levels = nn.ModuleList([UpLevel(b, e, dropout, g, eps) for b in plan.blocks])
+        last = plan.blocks[-1].out_channels if plan.blocks else c
+        self.out_norm = group_norm(last, g, eps)
+        self.out_conv = zero_module(nn.Conv2d(last, plan.image_channels, 3, padding=1))
+
+    def forward(self, feats: Features, z: torch.Tensor) -> torch.Tensor:
+        """feats: frozen features of x_t (Backbone.features); z: (N, z_dim) or (1, z_dim) -> g: (N, C, H, W)."""
+        t_act = F.silu(feats.emb)
+        z_act = F.silu(self.z_emb(z.to(feats.emb.dtype)))
+        res0, attn, res1 = self.mid
+        h = res1(attn(res0(feats.h, t_act, z_act)), t_act, z_act)
+        skips = feats.skips
+        for level in self.levels:
+            for i, resnet in enumerate(level.resnets):
+                h = resnet(torch.cat([h, skips[-1]], dim=1), t_act, z_act)
+                skips = skips[:-1]
+                if len(level.attentions):
+                    h = level.attentions[i](h)
+            if level.upsampler is not None:
+                h = level.upsampler(h, t_act, z_act)
+        return self.out_conv(F.silu(self.out_norm(h)))
