@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up and run the test suite (offline, CPU, tiny models).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export HF_HUB_OFFLINE=1 DVC_NO_ANALYTICS=1 MLFLOW_DISABLE_TELEMETRY=true
+.venv/bin/python -m pytest "$@"

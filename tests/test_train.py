@@ -1,0 +1,96 @@
+"""The shared training loop: resume equality, EMA, NaN guard, checkpoint compatibility."""
+
+import pytest
+import torch
+from torch import nn
+
+from pdae.errors import PdaeError
+from pdae.train import TrainSpec, ema_update, train
+
+
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.drop = nn.Dropout(0.2)  # exercises the global RNG state in the checkpoint
+
+    def forward(self, x):
+        return self.drop(self.lin(x))
+
+
+def loss_fn(mods, batch, gen):
+    x = batch[0]
+    noise = torch.randn(x.shape, generator=gen)
+    return ((mods["m"](x + noise) - x) ** 2).mean()
+
+
+def make_spec(**kw):
+    base = dict(images=8 * 12, batch_size=8, lr=1e-2, ema_decay=0.9, checkpoint_every=4, seed=3, log_every=2)
+    return TrainSpec(**{**base, **kw})
+
+
+def fresh():
+    torch.manual_seed(0)
+    return Tiny()
+
+
+DATA = (torch.randn(20, 4, generator=torch.Generator().manual_seed(1)),)
+
+
+def test_resume_is_bitwise_equal(tmp_path):
+    torch.manual_seed(123)
+    full = train({"m": fresh()}, loss_fn, DATA, make_spec(), tmp_path / "a.safetensors", torch.device("cpu"),
+                 progress=False)  # fmt: skip
+    ckpt = tmp_path / "b.safetensors"
+    torch.manual_seed(123)
+    part = train({"m": fresh()}, loss_fn, DATA, make_spec(), ckpt, torch.device("cpu"), progress=False,
+                 stop_after_steps=5)  # fmt: skip
+    assert part.steps == 5 and ckpt.exists()
+    # a crash after step 5: the checkpoint holds step 4; resume in a "new process" with a different global seed
+    torch.manual_seed(999)
+    resumed = train({"m": fresh()}, loss_fn, DATA, make_spec(), ckpt, torch.device("cpu"), progress=False)
+    assert resumed.resumed_from == 4 and resumed.steps == 12
+    for k, v in full.ema["m"].state_dict().items():
+        assert torch.equal(v, resumed.ema["m"].state_dict()[k]), k
+
+
+def test_incompatible_checkpoint_is_ignored(tmp_path):
+    ckpt = tmp_path / "c.safetensors"
+    train({"m": fresh()}, loss_fn, DATA, make_spec(), ckpt, torch.device("cpu"), progress=False)
+    other = train({"m": fresh()}, loss_fn, DATA, make_spec(lr=5e-3), ckpt, torch.device("cpu"), progress=False)
+    assert other.resumed_from == 0 and other.steps == 12
+    longer = train({"m": fresh()}, loss_fn, DATA, make_spec(lr=5e-3, images=8 * 16), ckpt, torch.device("cpu"),
+                   progress=False)  # fmt: skip
+    assert longer.resumed_from == 12 and longer.steps == 16
+
+
+def test_nan_loss_stops_and_keeps_checkpoint(tmp_path):
+    ckpt = tmp_path / "n.safetensors"
+    calls = {"n": 0}
+
+    def bad_loss(mods, batch, gen):
+        calls["n"] += 1
+        loss = loss_fn(mods, batch, gen)
+        return loss * float("nan") if calls["n"] == 7 else loss
+
+    with pytest.raises(PdaeError, match=r"loss became nan at step 6.*last good checkpoint"):
+        train({"m": fresh()}, bad_loss, DATA, make_spec(), ckpt, torch.device("cpu"), progress=False)
+    from pdae.io import load_metadata
+
+    assert load_metadata(ckpt)["step"] == "4"
+
+
+def test_ema_warmup():
+    a, b = nn.Linear(2, 2), nn.Linear(2, 2)
+    with torch.no_grad():
+        a.weight.zero_()
+        b.weight.fill_(1.0)
+    ema_update(a, b, 0.999, step=0)  # decay = min(0.999, 1/10) = 0.1
+    assert torch.allclose(a.weight, torch.full((2, 2), 0.9))
+
+
+def test_history_and_counts(tmp_path):
+    res = train({"m": fresh()}, loss_fn, DATA, make_spec(), None, torch.device("cpu"), progress=False)
+    assert res.images_seen == 96 and [h[0] for h in res.history] == [2, 4, 6, 8, 10, 12]
+    with pytest.raises(PdaeError, match="empty"):
+        train({"m": fresh()}, loss_fn, (torch.empty(0, 4),), make_spec(), None, torch.device("cpu"), progress=False)
