@@ -137,8 +137,17 @@ def pretrain_baseline(
         bf16=cfg.bf16,
         fingerprint={"unet": unet.config, "data": list(images.shape)},
     )
-    result = train({"unet": unet}, eps_loss(Schedule.linear(1000)), (images,), spec, checkpoint, device, run,
-                   desc="baseline", progress=progress)  # fmt: skip
+    result = train(
+        {"unet": unet},
+        eps_loss(Schedule.linear(1000)),
+        (images,),
+        spec,
+        checkpoint,
+        device,
+        run,
+        desc="baseline",
+        progress=progress,
+    )
     return result.ema["unet"].cpu(), result
 
 
@@ -191,9 +200,7 @@ def acquire_baseline(
         metrics.update(
             train_images_seen=result.images_seen,
             train_seconds=round(result.seconds, 1),
-            train_images_per_second=round(
-                (result.steps - result.resumed_from) * cfg.batch_size / max(result.seconds, 1e-9), 1
-            ),
+            train_images_per_second=result.images_per_second,
             final_loss=history[-1][2] if history else None,
         )
     elif cfg.source == "diffusers":

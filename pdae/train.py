@@ -66,6 +66,12 @@ class TrainResult:
     images_seen: int
     seconds: float
     resumed_from: int = 0
+    batch_size: int = 1
+
+    @property
+    def images_per_second(self) -> float:
+        """Throughput of this process's part of the run (resumed steps excluded)."""
+        return round((self.steps - self.resumed_from) * self.batch_size / max(self.seconds, 1e-9), 1)
 
 
 # EMA with warm-up: decay_n = min(decay, (1 + n) / (10 + n)).
@@ -97,8 +103,18 @@ def _optimizer(params: list[nn.Parameter], spec: TrainSpec) -> torch.optim.Optim
     raise PdaeError(f"unknown optimizer '{spec.optimizer}'; use adam or adamw.")
 
 
-def _save_checkpoint(path: Path, modules, ema, opt, gen: torch.Generator, perm: Tensor, pos: int, step: int,
-                     history: list, spec: TrainSpec) -> None:  # fmt: skip
+def _save_checkpoint(
+    path: Path,
+    modules,
+    ema,
+    opt,
+    gen: torch.Generator,
+    perm: Tensor,
+    pos: int,
+    step: int,
+    history: list,
+    spec: TrainSpec,
+) -> None:
     tensors: dict[str, Tensor] = {}
     for name, mod in modules.items():
         for k, v in mod.state_dict().items():
@@ -246,4 +262,5 @@ def train(
         images_seen=step * spec.batch_size,
         seconds=time.time() - start,
         resumed_from=resumed,
+        batch_size=spec.batch_size,
     )

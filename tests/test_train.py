@@ -39,12 +39,14 @@ DATA = (torch.randn(20, 4, generator=torch.Generator().manual_seed(1)),)
 
 def test_resume_is_bitwise_equal(tmp_path):
     torch.manual_seed(123)
-    full = train({"m": fresh()}, loss_fn, DATA, make_spec(), tmp_path / "a.safetensors", torch.device("cpu"),
-                 progress=False)  # fmt: skip
+    full = train(
+        {"m": fresh()}, loss_fn, DATA, make_spec(), tmp_path / "a.safetensors", torch.device("cpu"), progress=False
+    )
     ckpt = tmp_path / "b.safetensors"
     torch.manual_seed(123)
-    part = train({"m": fresh()}, loss_fn, DATA, make_spec(), ckpt, torch.device("cpu"), progress=False,
-                 stop_after_steps=5)  # fmt: skip
+    part = train(
+        {"m": fresh()}, loss_fn, DATA, make_spec(), ckpt, torch.device("cpu"), progress=False, stop_after_steps=5
+    )
     assert part.steps == 5 and ckpt.exists()
     # a crash after step 5: the checkpoint holds step 4; resume in a "new process" with a different global seed
     torch.manual_seed(999)
@@ -59,8 +61,9 @@ def test_incompatible_checkpoint_is_ignored(tmp_path):
     train({"m": fresh()}, loss_fn, DATA, make_spec(), ckpt, torch.device("cpu"), progress=False)
     other = train({"m": fresh()}, loss_fn, DATA, make_spec(lr=5e-3), ckpt, torch.device("cpu"), progress=False)
     assert other.resumed_from == 0 and other.steps == 12
-    longer = train({"m": fresh()}, loss_fn, DATA, make_spec(lr=5e-3, images=8 * 16), ckpt, torch.device("cpu"),
-                   progress=False)  # fmt: skip
+    longer = train(
+        {"m": fresh()}, loss_fn, DATA, make_spec(lr=5e-3, images=8 * 16), ckpt, torch.device("cpu"), progress=False
+    )
     assert longer.resumed_from == 12 and longer.steps == 16
 
 
