@@ -1,0 +1,161 @@
+"""Convert official PDAE / Diff-AE pre-trained DPM checkpoints into diffusers `UNet2DModel` folders."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from diffusers import UNet2DModel
+
+from pdae.convert.load import safe_torch_load
+from pdae.convert.mapping import convert_state_dict
+from pdae.convert.spec import DIFFAE_PRESETS, UNetSpec, diffae_preset, diffae_spec, pdae_spec, read_yaml
+from pdae.errors import PdaeError
+
+Kind = Literal["pdae-official", "diffae"]
+KINDS: tuple[str, ...] = ("pdae-official", "diffae")
+PDAE_FILES = ("checkpoint.pt", "config.yml")
+DIFFAE_FILE = "last.ckpt"
+# Lightning state_dict entries of a Diff-AE DDIM model that are not the EMA UNet (raw weights, sampling buffers).
+_DIFFAE_IGNORED = ("model.", "x_T", "conds_mean", "conds_std")
+
+
+def _pdae_source(src: Path, config: Path | Mapping[str, Any] | str | None) -> tuple[UNetSpec, dict[str, torch.Tensor]]:
+    ckpt_path = src / PDAE_FILES[0] if src.is_dir() else src
+    if config is None:
+        config = ckpt_path.parent / PDAE_FILES[1]
+    if isinstance(config, Mapping):
+        spec = pdae_spec(config, where="PDAE config")
+    else:
+        spec = pdae_spec(read_yaml(Path(config), "PDAE config.yml"), where=str(config))
+    ckpt = safe_torch_load(ckpt_path, key="ema_denoise_fn")
+    if "ema_denoise_fn" in ckpt:
+        state = ckpt["ema_denoise_fn"]
+    elif "time_embed.0.weight" in ckpt:  # a bare UNet state dict
+        state = ckpt
+    else:
+        keys = ", ".join(sorted(map(str, ckpt))[:5])
+        raise PdaeError(f"{ckpt_path} has no 'ema_denoise_fn' entry (found: {keys}); is it a PDAE pre-trained DPM?")
+    if not isinstance(state, Mapping):
+        raise PdaeError(f"{ckpt_path}: 'ema_denoise_fn' is not a state dict.")
+    return spec, dict(state)
+
+
+def _diffae_spec_for(
+    ckpt_path: Path, ckpt: Mapping[str, Any], config: Path | Mapping[str, Any] | str | None
+) -> UNetSpec:
+    if isinstance(config, Mapping):
+        return diffae_spec(config)
+    if isinstance(config, str) and diffae_preset(config) is not None:
+        return diffae_spec(diffae_preset(config), where=f"Diff-AE preset '{config}'")
+    if config is not None:
+        path = Path(config)
+        return diffae_spec(read_yaml(path, "Diff-AE config"), where=str(path))
+    hparams = ckpt.get("hyper_parameters")
+    if isinstance(hparams, Mapping) and ("model_conf" in hparams or "net_ch" in hparams):
+        return diffae_spec(hparams, where=f"{ckpt_path} hyper_parameters")
+    preset = diffae_preset(ckpt_path.parent.name)
+    if preset is not None:
+        return diffae_spec(preset, where=f"Diff-AE preset '{ckpt_path.parent.name}'")
+    raise PdaeError(
+        f"{ckpt_path}: no model config found (no hyper_parameters, folder name is not a known baseline); pass a "
+        f"config file or one of the presets {', '.join(DIFFAE_PRESETS)}."
+    )
+
+
+ConfigArg = Path | Mapping[str, Any] | str | None
+
+
+def _diffae_source(src: Path, config: ConfigArg) -> tuple[UNetSpec, dict[str, torch.Tensor]]:
+    ckpt_path = src / DIFFAE_FILE if src.is_dir() else src
+    ckpt = safe_torch_load(ckpt_path, key="state_dict", allow_lightning=True)
+    spec = _diffae_spec_for(ckpt_path, ckpt, config)
+    full = ckpt.get("state_dict", ckpt)
+    if not isinstance(full, Mapping) or not any(str(k).startswith("ema_model.") for k in full):
+        raise PdaeError(f"{ckpt_path} has no 'ema_model.*' weights in its state_dict; is it a Diff-AE checkpoint?")
+    state = {k[len("ema_model.") :]: v for k, v in full.items() if k.startswith("ema_model.")}
+    other = sorted(k for k in full if not k.startswith("ema_model.") and not k.startswith(_DIFFAE_IGNORED))
+    if other:
+        raise PdaeError(
+            f"{ckpt_path}: unexpected state_dict entries {', '.join(other[:4])}; only DDIM baselines (ema_model.*, "
+            "model.*, x_T) convert."
+        )
+    return spec, state
+
+
+def load_official(
+    src: str | os.PathLike, kind: Kind, config: Path | Mapping[str, Any] | str | None = None
+) -> tuple[UNetSpec, dict[str, torch.Tensor]]:
+    """Architecture spec and official-key UNet state dict of an official checkpoint (see convert_checkpoint)."""
+    src = Path(src)
+    if kind == "pdae-official":
+        return _pdae_source(src, config)
+    if kind == "diffae":
+        return _diffae_source(src, config)
+    raise PdaeError(f"unknown checkpoint kind '{kind}'; use one of {', '.join(KINDS)}.")
+
+
+def convert_checkpoint(
+    src: str | os.PathLike, kind: Kind, config: Path | Mapping[str, Any] | str | None = None
+) -> UNet2DModel:
+    """Build a diffusers `UNet2DModel` holding an official pre-trained DPM's (EMA) weights.
+
+    Args:
+        src: `pre-trained-dpms/<name>/` or its `checkpoint.pt` (kind "pdae-official": the `ema_denoise_fn` entry),
+            or `checkpoints/<name>/` or its `last.ckpt` (kind "diffae": the `ema_model.*` weights).
+        kind: "pdae-official" or "diffae".
+        config: the model config. PDAE: path to `config.yml` (default: beside the checkpoint) or its dict.
+            Diff-AE: a dict or YAML/JSON file of TrainConfig / BeatGANsUNetConfig keys, or a preset name
+            (ffhq128, horse128, bedroom128, celeba64); default: the checkpoint's `hyper_parameters`, then the preset
+            named like the checkpoint's folder.
+
+    Returns:
+        The model in eval mode, float32 on CPU: (x_t (N, C, H, W) in [-1, 1] scale, t (N,) in 0..999) -> eps_hat.
+        Every source key is consumed and every target key filled, else PdaeError.
+    """
+    spec, state = load_official(src, kind, config)
+    model = UNet2DModel(**spec.diffusers_config())
+    converted = convert_state_dict(spec, state, model.state_dict(), what=str(src))
+    model.load_state_dict(converted, strict=True)
+    return model.eval()
+
+
+def convert_to_folder(
+    src: str | os.PathLike,
+    kind: Kind,
+    dst: str | os.PathLike,
+    config: Path | Mapping[str, Any] | str | None = None,
+) -> Path:
+    """Convert (as convert_checkpoint) and save a diffusers folder (config.json + safetensors) atomically at `dst`.
+
+    The folder is written beside `dst` under a temporary name and renamed into place; an existing `dst` is replaced
+    only if it is itself a diffusers model folder (has config.json). Returns `dst`.
+    """
+    dst = Path(dst)
+    if dst.exists() and not (dst.is_dir() and (dst / "config.json").is_file()):
+        raise PdaeError(f"{dst} exists and is not a diffusers model folder; choose another destination or remove it.")
+    model = convert_checkpoint(src, kind, config)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
+    old = dst.with_name(f".{dst.name}.old")
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        provenance = {"source": str(Path(src).resolve()), "kind": kind, "converter": "pdae.convert"}
+        (tmp / "conversion.json").write_text(json.dumps(provenance, indent=2) + "\n")
+        if dst.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(dst, old)
+        os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not dst.exists():
+            os.replace(old, dst)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return dst
