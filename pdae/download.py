@@ -1,0 +1,178 @@
+"""Verified downloads: streaming, atomic (`dest.partial` then rename), resumable, sha256-checked.
+
+HTTP(S) goes through `requests`; Google Drive file links go through `gdown` (optional extra `pdae[gdrive]`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+from urllib.parse import urlparse
+
+from pdae.errors import PdaeError
+
+CHUNK = 1 << 20
+# Network reads are small so that an interrupted transfer keeps nearly everything it received.
+NET_CHUNK = 1 << 16
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_GDRIVE_HOSTS = ("drive.google.com", "docs.google.com", "drive.usercontent.google.com")
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = CHUNK) -> str:
+    """Hex sha256 digest of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def is_google_drive(url: str) -> bool:
+    return (urlparse(url).hostname or "").lower() in _GDRIVE_HOSTS
+
+
+def _finish(partial: Path, dest: Path, url: str, sha256: str) -> Path:
+    """Verify `partial` and rename it to `dest`; a wrong digest deletes it and raises."""
+    actual = sha256_file(partial)
+    if actual != sha256:
+        partial.unlink(missing_ok=True)
+        raise PdaeError(
+            f"checksum mismatch for {url}: expected sha256 {sha256}, got {actual}; the file was deleted — check the "
+            "URL and the expected sha256."
+        )
+    with open(partial, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(partial, dest)
+    return dest
+
+
+def download(url: str, dest: str | os.PathLike, sha256: str, progress: bool = True, timeout: float = 30) -> Path:
+    """Download `url` to `dest` and verify its sha256; returns `dest`.
+
+    - `dest` already present with the expected digest: returned without any request.
+    - Data streams into `dest.partial`; an interrupted transfer keeps it and the next call resumes with an HTTP Range
+      request (restarting from zero if the server ignores ranges). Only a verified file is renamed to `dest`.
+    - A checksum mismatch deletes the downloaded file. Every failure is a one-line PdaeError naming the URL and fix.
+    - Google Drive file links are fetched with `gdown` (pip install 'pdae[gdrive]').
+
+    Args:
+        url: http(s) URL or Google Drive file link.
+        dest: target file path (parent folders are created).
+        sha256: expected hex digest (64 characters, case-insensitive).
+        progress: show a progress bar on stderr.
+        timeout: seconds to wait for the connection and for each read.
+    """
+    dest = Path(dest)
+    sha256 = str(sha256).strip().lower()
+    if not _HEX64.match(sha256):
+        raise PdaeError(f"sha256 for {url} must be 64 hex digits (got {sha256!r}); copy it from the release notes.")
+    if dest.is_file() and sha256_file(dest) == sha256:
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    partial = dest.with_name(dest.name + ".partial")
+    if is_google_drive(url):
+        _gdown(url, partial, progress)
+    else:
+        scheme = urlparse(url).scheme.lower()
+        if scheme not in ("http", "https"):
+            raise PdaeError(f"cannot download {url}: only http(s) URLs and Google Drive links are supported.")
+        resumed = _http(url, partial, progress, timeout)
+        if resumed and sha256_file(partial) != sha256:
+            # a stale partial file (e.g. of an older upload) spoils the resumed copy: fetch once more from zero
+            partial.unlink()
+            _http(url, partial, progress, timeout)
+    return _finish(partial, dest, url, sha256)
+
+
+def _http(url: str, partial: Path, progress: bool, timeout: float) -> bool:
+    """Stream `url` into `partial`, resuming from its current size when the server honours Range.
+
+    Returns whether existing bytes of `partial` were kept (resumed or already complete).
+    """
+    import requests
+
+    offset = partial.stat().st_size if partial.is_file() else 0
+    headers = (
+        {"Range": f"bytes={offset}-", "Accept-Encoding": "identity"} if offset else {"Accept-Encoding": "identity"}
+    )
+    fix = "check your network (or proxy) and run the same command again to resume"
+    try:
+        resp = requests.get(url, stream=True, timeout=timeout, headers=headers, allow_redirects=True)
+    except requests.exceptions.Timeout:
+        raise PdaeError(f"download of {url} timed out after {timeout:g} s; {fix}.") from None
+    except requests.exceptions.RequestException as err:
+        reason = type(err).__name__
+        raise PdaeError(f"cannot connect to {url} ({reason}); check the URL and {fix}.") from None
+    with resp:
+        if offset and resp.status_code == 416:  # the partial file already holds everything
+            return True
+        if offset and resp.status_code == 206 and _range_start(resp) != offset:  # an unusable range: start over
+            partial.unlink()
+            resp.close()
+            return _http(url, partial, progress, timeout)
+        if resp.status_code >= 400:
+            hint = "the file is not there: check the URL" if resp.status_code == 404 else fix
+            raise PdaeError(f"download of {url} failed: HTTP {resp.status_code} {resp.reason}; {hint}.")
+        resumed = offset > 0 and resp.status_code == 206
+        mode = "ab" if resumed else "wb"
+        done = offset if resumed else 0
+        length = resp.headers.get("Content-Length")
+        total = done + int(length) if length and length.isdigit() else None
+        bar = _bar(progress, total, done, url)
+        try:
+            with open(partial, mode) as fh:
+                for block in resp.iter_content(NET_CHUNK):
+                    fh.write(block)
+                    done += len(block)
+                    if bar is not None:
+                        bar.update(len(block))
+        except (requests.exceptions.RequestException, OSError) as err:
+            raise PdaeError(
+                f"download of {url} was interrupted after {done} bytes ({type(err).__name__}); {fix}."
+            ) from None
+        finally:
+            if bar is not None:
+                bar.close()
+    if total is not None and done < total:
+        raise PdaeError(f"download of {url} was interrupted after {done} of {total} bytes; {fix}.")
+    return resumed
+
+
+def _range_start(resp) -> int | None:
+    """First byte offset of a 206 response's Content-Range ('bytes START-END/TOTAL')."""
+    match = re.match(r"bytes\s+(\d+)-", resp.headers.get("Content-Range", ""))
+    return int(match.group(1)) if match else None
+
+
+def _bar(progress: bool, total: int | None, initial: int, url: str):
+    if not progress:
+        return None
+    from tqdm import tqdm
+
+    name = Path(urlparse(url).path).name or url
+    return tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024, desc=name, leave=False)
+
+
+def _gdown(url: str, partial: Path, progress: bool) -> None:
+    """Fetch a Google Drive file link into `partial` with gdown."""
+    if "/folders/" in url:
+        raise PdaeError(f"{url} is a Google Drive folder; open it and use the share link of the single file you need.")
+    try:
+        import gdown
+    except ImportError:
+        raise PdaeError(
+            f"{url} is a Google Drive link, which needs gdown: pip install 'pdae[gdrive]' (or download it by hand)."
+        ) from None
+    try:
+        out = gdown.download(url, output=str(partial), quiet=not progress, fuzzy=True, resume=True)
+    except Exception as err:  # gdown raises its own and requests' exception types
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise PdaeError(
+            f"Google Drive download of {url} failed ({msg}); retry later or download it by hand."
+        ) from None
+    if not out or not partial.is_file():
+        raise PdaeError(
+            f"Google Drive download of {url} failed (quota or permission); retry later or download by hand."
+        )
