@@ -28,6 +28,8 @@ _DIFFAE_IGNORED = ("model.", "x_T", "conds_mean", "conds_std")
 
 def _pdae_source(src: Path, config: Path | Mapping[str, Any] | str | None) -> tuple[UNetSpec, dict[str, torch.Tensor]]:
     ckpt_path = src / PDAE_FILES[0] if src.is_dir() else src
+    if not ckpt_path.is_file():
+        raise PdaeError(f"checkpoint not found: {ckpt_path}; give pre-trained-dpms/<name>/ or its checkpoint.pt.")
     if config is None:
         config = ckpt_path.parent / PDAE_FILES[1]
     if isinstance(config, Mapping):

@@ -77,9 +77,17 @@ def safe_torch_load(path: str | Path, key: str, allow_lightning: bool = False) -
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        names = _unsafe_globals(path)
+        if not names:  # nothing unsafe could be listed: damaged, or a legacy file refused for its content
+            first = str(err).strip().splitlines()[0][:200] if str(err).strip() else "unpickling failed"
+            raise PdaeError(
+                f"{path} is not a readable torch checkpoint, or needs arbitrary unpickling ({first}); "
+                + _resave_hint(path, key)
+                + "."
+            ) from err
         if not allow_lightning:
-            raise _refuse(path, key, _unsafe_globals(path)) from err
-        obj = _load_lightning(path, key)
+            raise _refuse(path, key, names) from err
+        obj = _load_lightning(path, key, names)
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise PdaeError(f"{path} is not a readable torch checkpoint ({str(err).splitlines()[0]}).") from err
     if not isinstance(obj, dict):
@@ -95,10 +103,9 @@ def _unsafe_globals(path: Path) -> list[str]:
         return []
 
 
-def _load_lightning(path: Path, key: str) -> dict[str, Any]:
-    names = _unsafe_globals(path)
+def _load_lightning(path: Path, key: str, names: list[str]) -> dict[str, Any]:
     lightning = [n for n in names if n.startswith(LIGHTNING_PREFIXES) or n.startswith(NUMPY_METADATA)]
-    if not names or len(lightning) != len(names):
+    if len(lightning) != len(names):
         raise _refuse(path, key, [n for n in names if n not in lightning])
     stand_ins = [(_stand_in(n), n) for n in names]
     try:
