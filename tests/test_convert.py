@@ -285,6 +285,33 @@ def test_pdae_official_matches_reference(tmp_path):
         assert (model(x, t).sample - ref).abs().max() < TOL
 
 
+def test_sample_size_from_folder_name_or_argument(tmp_path):
+    folder = write_pdae(tmp_path / "pre-trained-dpms" / "tiny16", pdae_state())
+    assert convert_checkpoint(folder, "pdae-official").config.sample_size == 16
+    assert convert_checkpoint(folder, "pdae-official", sample_size=32).config.sample_size == 32
+
+
+def test_pdae_training_step_on_converted_model(tmp_path):
+    from pdae.diffusion import Schedule
+    from pdae.fit import pdae_loss
+    from pdae.nets.backbone import Backbone
+    from pdae.nets.pdae import PDAE
+
+    unet = convert_checkpoint(write_diffae(tmp_path / "checkpoints" / "tiny", diffae_state()), "diffae")
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = unet(x, torch.tensor([10, 900])).sample
+    backbone = Backbone(unet)
+    assert (backbone(x, torch.tensor([10, 900])) - expected).abs().max() < TOL
+    model = PDAE(backbone, z_dim=8)
+    mods = {"encoder": model.encoder, "gradient": model.gradient}
+    opt = torch.optim.Adam(model.trainable_parameters(), lr=1e-3)
+    loss = pdae_loss(backbone, Schedule.linear())(mods, (x.clamp(-1, 1),), torch.Generator().manual_seed(0))
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss) and all(p.grad is None for p in unet.parameters())
+
+
 def test_pdae_new_attention_order_and_head_channels(tmp_path):
     cfg = {**PDAE_CFG, "use_new_attention_order": True, "head_channel": 16, "attention_resolutions": [2]}
     S = pdae_state(cfg, seed=5)

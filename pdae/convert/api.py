@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -104,7 +106,11 @@ def load_official(
 
 
 def convert_checkpoint(
-    src: str | os.PathLike, kind: Kind, config: Path | Mapping[str, Any] | str | None = None
+    src: str | os.PathLike,
+    kind: Kind,
+    config: Path | Mapping[str, Any] | str | None = None,
+    *,
+    sample_size: int | None = None,
 ) -> UNet2DModel:
     """Build a diffusers `UNet2DModel` holding an official pre-trained DPM's (EMA) weights.
 
@@ -116,12 +122,20 @@ def convert_checkpoint(
             Diff-AE: a dict or YAML/JSON file of TrainConfig / BeatGANsUNetConfig keys, or a preset name
             (ffhq128, horse128, bedroom128, celeba64); default: the checkpoint's `hyper_parameters`, then the preset
             named like the checkpoint's folder.
+        sample_size: image size recorded in the diffusers config; default: from the config, else the trailing
+            number of the checkpoint's folder name (pre-trained-dpms/ffhq128 -> 128).
 
     Returns:
         The model in eval mode, float32 on CPU: (x_t (N, C, H, W) in [-1, 1] scale, t (N,) in 0..999) -> eps_hat.
         Every source key is consumed and every target key filled, else PdaeError.
     """
     spec, state = load_official(src, kind, config)
+    if sample_size is None and spec.sample_size is None:
+        folder = Path(src) if Path(src).is_dir() else Path(src).parent
+        found = re.search(r"(\d+)$", folder.name)
+        sample_size = int(found.group(1)) if found else None
+    if sample_size is not None:
+        spec = dataclasses.replace(spec, sample_size=int(sample_size))
     model = UNet2DModel(**spec.diffusers_config())
     converted = convert_state_dict(spec, state, model.state_dict(), what=str(src))
     model.load_state_dict(converted, strict=True)
@@ -133,6 +147,8 @@ def convert_to_folder(
     kind: Kind,
     dst: str | os.PathLike,
     config: Path | Mapping[str, Any] | str | None = None,
+    *,
+    sample_size: int | None = None,
 ) -> Path:
     """Convert (as convert_checkpoint) and save a diffusers folder (config.json + safetensors) atomically at `dst`.
 
@@ -142,7 +158,7 @@ def convert_to_folder(
     dst = Path(dst)
     if dst.exists() and not (dst.is_dir() and (dst / "config.json").is_file()):
         raise PdaeError(f"{dst} exists and is not a diffusers model folder; choose another destination or remove it.")
-    model = convert_checkpoint(src, kind, config)
+    model = convert_checkpoint(src, kind, config, sample_size=sample_size)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
     old = dst.with_name(f".{dst.name}.old")
