@@ -26,9 +26,11 @@ PDAE_FILES = ("checkpoint.pt", "config.yml")
 DIFFAE_FILE = "last.ckpt"
 # Lightning state_dict entries of a Diff-AE DDIM model that are not the EMA UNet (raw weights, sampling buffers).
 _DIFFAE_IGNORED = ("model.", "x_T", "conds_mean", "conds_std")
+# A model config: file path, parsed mapping, Diff-AE preset name, or None (found next to / inside the checkpoint).
+ConfigArg = Path | Mapping[str, Any] | str | None
 
 
-def _pdae_source(src: Path, config: Path | Mapping[str, Any] | str | None) -> tuple[UNetSpec, dict[str, torch.Tensor]]:
+def _pdae_source(src: Path, config: ConfigArg) -> tuple[UNetSpec, dict[str, torch.Tensor]]:
     ckpt_path = src / PDAE_FILES[0] if src.is_dir() else src
     if not ckpt_path.is_file():
         raise PdaeError(f"checkpoint not found: {ckpt_path}; give pre-trained-dpms/<name>/ or its checkpoint.pt.")
@@ -51,9 +53,7 @@ def _pdae_source(src: Path, config: Path | Mapping[str, Any] | str | None) -> tu
     return spec, dict(state)
 
 
-def _diffae_spec_for(
-    ckpt_path: Path, ckpt: Mapping[str, Any], config: Path | Mapping[str, Any] | str | None
-) -> UNetSpec:
+def _diffae_spec_for(ckpt_path: Path, ckpt: Mapping[str, Any], config: ConfigArg) -> UNetSpec:
     if isinstance(config, Mapping):
         return diffae_spec(config)
     if isinstance(config, str) and diffae_preset(config) is not None:
@@ -71,9 +71,6 @@ def _diffae_spec_for(
         f"{ckpt_path}: no model config found (no hyper_parameters, folder name is not a known baseline); pass a "
         f"config file or one of the presets {', '.join(DIFFAE_PRESETS)}."
     )
-
-
-ConfigArg = Path | Mapping[str, Any] | str | None
 
 
 def _diffae_source(src: Path, config: ConfigArg) -> tuple[UNetSpec, dict[str, torch.Tensor]]:
@@ -94,7 +91,7 @@ def _diffae_source(src: Path, config: ConfigArg) -> tuple[UNetSpec, dict[str, to
 
 
 def load_official(
-    src: str | os.PathLike, kind: Kind, config: Path | Mapping[str, Any] | str | None = None
+    src: str | os.PathLike, kind: Kind, config: ConfigArg = None
 ) -> tuple[UNetSpec, dict[str, torch.Tensor]]:
     """Architecture spec and official-key UNet state dict of an official checkpoint (see convert_checkpoint)."""
     src = Path(src)
@@ -108,7 +105,7 @@ def load_official(
 def convert_checkpoint(
     src: str | os.PathLike,
     kind: Kind,
-    config: Path | Mapping[str, Any] | str | None = None,
+    config: ConfigArg = None,
     *,
     sample_size: int | None = None,
 ) -> UNet2DModel:
@@ -146,7 +143,7 @@ def convert_to_folder(
     src: str | os.PathLike,
     kind: Kind,
     dst: str | os.PathLike,
-    config: Path | Mapping[str, Any] | str | None = None,
+    config: ConfigArg = None,
     *,
     sample_size: int | None = None,
 ) -> Path:
