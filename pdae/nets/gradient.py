@@ -24,7 +24,13 @@ class ZResBlock(nn.Module):
     """
 
     def __init__(
-        self, in_ch: int, out_ch: int, emb_dim: int, dropout: float = 0.0, up: bool = False, groups: int = 32,
+        self,
+        in_ch: int,
+        out_ch: int,
+        emb_dim: int,
+        dropout: float = 0.0,
+        up: bool = False,
+        groups: int = 32,
         eps: float = 1e-5,
     ) -> None:
         super().__init__()

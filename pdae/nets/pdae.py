@@ -121,9 +121,7 @@ class PDAE(nn.Module):
         """g = G(x_t, z, t) only (N, C, H, W), skipping the frozen up path."""
         return self.gradient(self.backbone.features(x_t, t), z)
 
-    def forward(
-        self, x_t: torch.Tensor, t: torch.Tensor | int, z: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor | int, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.eps_and_shift(x_t, t, z)
 
     def model_fn(self, z: torch.Tensor, scale: float = 1.0) -> ModelFn:

@@ -1,4 +1,4 @@
-"""The baseline DPM architecture: a BeatGANs-style (guided-diffusion / Diff-AE) UNet expressed as diffusers' UNet2DModel."""
+"""The baseline DPM architecture: a BeatGANs-style (guided-diffusion / Diff-AE) UNet as a diffusers UNet2DModel."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def build_unet(
     if image_size % (2 ** (levels - 1)):
         raise ValueError(f"image_size {image_size} is not divisible by 2**{levels - 1} (levels of {channels})")
     if channels[-1] % attention_head_dim:
-        raise ValueError(f"attention_head_dim {attention_head_dim} must divide the lowest-resolution width {channels[-1]}")
+        raise ValueError(f"attention_head_dim {attention_head_dim} must divide the lowest-level width {channels[-1]}")
     groups = norm_groups(channels)
     down = ["ResnetDownsampleBlock2D"] * (levels - 1) + ["AttnDownBlock2D"]
     up = ["AttnUpBlock2D"] + ["ResnetUpsampleBlock2D"] * (levels - 1)
