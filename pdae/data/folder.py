@@ -65,9 +65,9 @@ def decode_image(data: bytes | Path, image_size: int, channels: int, name: str) 
             img = img.resize((image_size, image_size), Image.Resampling.BICUBIC, box=box)
             array = np.asarray(img, dtype=np.uint8).copy()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        detail = "unrecognised image format" if isinstance(err, UnidentifiedImageError) else str(err).splitlines()[0]
         raise PdaeError(
-            f"image {name} cannot be read ({type(err).__name__}: {err}); it is truncated or not an image — "
-            "replace or delete it."
+            f"image {name} cannot be read ({detail}); it is truncated or not an image — replace or delete it."
         ) from None
     tensor = torch.from_numpy(array)
     tensor = tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1)
