@@ -26,7 +26,7 @@ def _conv_bn(cin: int, cout: int) -> nn.Sequential:
 
 # VGG-style CNN: two 3x3 conv-BN-ReLU per level, 2x2 max-pool between levels down to 4x4, global average pool.
 class LabelClassifier(nn.Module):
-    """Images float (N, C, S, S) in [-1, 1] -> class logits (N, K). Feature width F = 4 * width."""
+    """Images float (N, C, S, S) in [-1, 1] -> class logits (N, K). Features: F = width * min(S / 4, 4)."""
 
     def __init__(self, in_channels: int, image_size: int, num_classes: int, width: int = 32) -> None:
         super().__init__()
