@@ -24,3 +24,19 @@ def mlflow_tmp(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
+
+
+@pytest.fixture(scope="session")
+def tiny_project_template(tmp_path_factory):
+    """Build the tiny project once per session (read-only: copy it with `tiny_project`)."""
+    from tests.tiny import build_tiny_project
+
+    return build_tiny_project(tmp_path_factory.mktemp("tiny_template"))
+
+
+@pytest.fixture()
+def tiny_project(tiny_project_template, tmp_path):
+    """A private copy of the tiny project tree (data/prepared, models/baseline, models/pdae, latents)."""
+    from tests.tiny import copy_project
+
+    return copy_project(tiny_project_template, tmp_path / "project")
