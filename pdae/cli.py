@@ -10,10 +10,23 @@ import os
 import sys
 
 import typer
+from typer.core import TyperGroup
 
 from pdae.errors import PdaeError
 
+
+# User errors become one line on stderr and exit code 1, also under typer.testing.CliRunner.
+class _Group(TyperGroup):
+    def invoke(self, ctx):  # type: ignore[override]
+        try:
+            return super().invoke(ctx)
+        except PdaeError as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(1) from None
+
+
 app = typer.Typer(
+    cls=_Group,
     name="pdae",
     help="PDAE: learn semantic codes z of images from a frozen pre-trained diffusion model.",
     no_args_is_help=True,
