@@ -210,7 +210,7 @@ def acquire_baseline(
     else:
         from pdae.convert import convert_checkpoint
 
-        unet = convert_checkpoint(_fetch(cfg, work / "downloads"), cfg.source)
+        unet = convert_checkpoint(_fetch(cfg, work / "downloads"), cfg.source, cfg.config, sample_size=cfg.sample_size)
     if unet.config.sample_size != base.image_size or unet.config.in_channels != train_images.shape[1]:
         raise PdaeError(
             f"baseline model expects {unet.config.in_channels}×{unet.config.sample_size}² images but the prepared "

@@ -55,6 +55,8 @@ class BaselineConfig(Section):
     path: str | None = None  # diffusers hub id or folder; local official checkpoint
     url: str | None = None
     sha256: str | None = None
+    config: str | None = None  # official sources: PDAE config.yml path, Diff-AE config file or preset name
+    sample_size: int | None = Field(None, ge=8)  # official sources: image size when the config lacks it
     channels: list[int] = Field(default_factory=lambda: [32, 64, 64])
     layers_per_block: int = Field(1, ge=1)
     attention_head_dim: int = Field(16, ge=1)
