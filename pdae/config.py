@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pdae.errors import PdaeError
 
@@ -30,11 +30,12 @@ class BaseConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = Field(2, ge=1, le=256)
 
-    @model_validator(mode="after")
-    def _power_of_two(self) -> BaseConfig:
-        if self.image_size & (self.image_size - 1):
-            raise ValueError(f"image_size must be a power of two (got {self.image_size})")
-        return self
+    @field_validator("image_size")
+    @classmethod
+    def _power_of_two(cls, v: int) -> int:
+        if v & (v - 1):
+            raise ValueError(f"must be a power of two (got {v})")
+        return v
 
 
 # Dataset preparation and the label classifier that scores generated images.
@@ -108,19 +109,34 @@ class EncodeConfig(Section):
     xT_steps: int = Field(100, ge=1, le=1000)
 
 
+# Attribute probes (z vs pixels vs the bare DPM's x_T), edit directions, manipulation and interpolation.
+class ClassifyConfig(Section):
+    probe_c: float = Field(1.0, gt=0)  # inverse L2 strength of the logistic-regression probes
+    max_iter: int = Field(2000, ge=10)
+    xT_steps: int = Field(20, ge=1, le=1000)  # bare-DPM DDIM inversion steps for the x_T probe
+    batch_size: int = Field(256, ge=1)
+    steps: int = Field(50, ge=1, le=1000)  # DDIM steps (inversion and decoding) for manipulation/interpolation
+    scales: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0], min_length=1)
+    manipulate_images: int = Field(50, ge=1)  # test images for manipulation_success (those with label != k)
+    figure_images: int = Field(8, ge=1)
+    interpolate_pairs: int = Field(4, ge=1)
+    interpolate_frames: int = Field(8, ge=2)
+
+
 SECTIONS: dict[str, type[Section]] = {
     "base": BaseConfig,
     "prepare": PrepareConfig,
     "baseline": BaselineConfig,
     "train": TrainConfig,
     "encode": EncodeConfig,
+    "classify": ClassifyConfig,
 }
 
 
 def _format_error(section: str, err: ValidationError, source: str) -> str:
     first = err.errors()[0]
     loc = ".".join(str(p) for p in (section, *first["loc"]))
-    msg = first["msg"]
+    msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = f"unknown key; allowed keys: {', '.join(SECTIONS[section].model_fields)}"
     elif "input" in first and first["type"] not in ("value_error", "model_type", "missing"):
