@@ -164,12 +164,18 @@ class FidHelperInceptionV3(FeatureExtractorInceptionV3):
         self, name: str, features_list: list[str], feature_extractor_weights_path: str | None = None, **kwargs
     ):
         path = feature_extractor_weights_path or str(convert_fid_helper_weights())
+        if isinstance(path, (str, os.PathLike)):
+            # torch-fidelity unpickles with weights_only=False: first make sure the file holds plain tensors only.
+            try:
+                torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as err:  # any failure means: do not unpickle it
+                raise PdaeError(f"{path} is not a plain tensor file ({type(err).__name__}); delete it.") from err
         super().__init__(name, features_list, feature_extractor_weights_path=path, **kwargs)
         with torch.no_grad():
             self.fc.weight.fill_(float("nan"))  # never a number from an unloaded layer
             self.fc.bias.fill_(float("nan"))
 
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # noqa: D102
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         result = super().load_state_dict(state_dict, strict=False, assign=assign)
         bad = [k for k in list(result.missing_keys) + list(result.unexpected_keys) if not k.startswith("fc.")]
         if bad:
@@ -189,7 +195,7 @@ class _ArchitectureOnly(FeatureExtractorInceptionV3):
         empty.seek(0)
         super().__init__(name, features_list, feature_extractor_weights_path=empty, **kwargs)
 
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # noqa: D102
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         return None
 
 
