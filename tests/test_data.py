@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from pdae.data import (
     load_attributes,
     load_raw_dataset,
     load_split,
+    open_image_dataset,
     prepare_dataset,
     read_attribute_table,
     split_indices,
@@ -192,6 +194,17 @@ def test_lmdb_layout(tmp_path: Path) -> None:
     attrs = load_attributes(out)
     assert metrics["n_images"] == 5 and list(attrs["filename"]) == [f"32-{i:05d}" for i in range(5)]
     assert list(attrs["Smiling"]) == [0, 1, 0, 1, 0]
+    stream = open_image_dataset(db, image_size=8)
+    images, ids = load_split(out, "train")
+    assert len(stream) == 5 and torch.equal(stream[int(ids[0])][0], images[0])
+
+
+def test_lmdb_missing_package_gives_install_hint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "db").mkdir()
+    (tmp_path / "db" / "data.mdb").write_bytes(b"")
+    monkeypatch.setitem(sys.modules, "lmdb", None)  # makes `import lmdb` raise ImportError
+    with pytest.raises(PdaeError, match=r"pip install pdae\[lmdb\]"):
+        _prepare(tmp_path, folder=str(tmp_path / "db"))
 
 
 # Each case: (what to break, text the one-line error must contain).

@@ -9,7 +9,7 @@ from pdae.data.classifier import (
     save_label_classifier,
     train_label_classifier,
 )
-from pdae.data.folder import ImageFileDataset, LmdbImageDataset, load_folder_data
+from pdae.data.folder import ImageFileDataset, LmdbImageDataset, load_folder_data, open_image_dataset
 from pdae.data.prepare import (
     binary_attribute_names,
     load_attributes,
@@ -32,6 +32,7 @@ __all__ = [
     "load_label_classifier",
     "load_raw_dataset",
     "load_split",
+    "open_image_dataset",
     "prepare_dataset",
     "read_attribute_table",
     "save_label_classifier",

@@ -170,9 +170,20 @@ def stack_dataset(dataset: Dataset, progress: bool = False, desc: str = "images"
     """Load every item of a (image, index) dataset -> float32 (N, C, S, S)."""
     from tqdm.auto import tqdm
 
-    items: Iterable[int] = range(len(dataset))
-    images = [dataset[i][0] for i in tqdm(items, desc=desc, disable=not progress, leave=False)]
-    return torch.stack(images)
+    first = dataset[0][0]
+    out = torch.empty((len(dataset), *first.shape), dtype=first.dtype)  # preallocated: no second copy
+    out[0] = first
+    items: Iterable[int] = range(1, len(dataset))
+    for i in tqdm(items, desc=desc, disable=not progress, leave=False, initial=1, total=len(dataset)):
+        out[i] = dataset[i][0]
+    return out
+
+
+def open_image_dataset(folder: str | Path, image_size: int, channels: int | None = None) -> Dataset:
+    """Streaming dataset over an image folder or a Diff-AE LMDB; items (image (C, S, S) in [-1, 1], index)."""
+    if is_lmdb_dir(folder):
+        return LmdbImageDataset(folder, image_size, channels or 3)
+    return ImageFileDataset(list_image_files(folder), image_size, channels or 3)
 
 
 def _match_rows(names: list[list[str]], table: pd.DataFrame, source: str, describe: Callable[[int], str]) -> list[int]:

@@ -168,6 +168,7 @@ def prepare_dataset(
             shutil.rmtree(out_dir)
         elif out_dir.exists() or out_dir.is_symlink():
             out_dir.unlink()
+        os.chmod(tmp, 0o755)  # mkdtemp creates 0700; give the output folder the usual permissions
         os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
