@@ -3,7 +3,7 @@
 Layout of a prepared folder:
   train.safetensors, test.safetensors  `images` float32 (N, C, S, S) in [-1, 1], `ids` int64 (N,)
   attributes.csv                       `id` (= row number), `split`, [`filename`], binary attributes 0/1, [`label`]
-  label_classifier/                    model.safetensors + config.json (config.json only, marked skipped, if no label)
+  label_classifier/                    model.safetensors + config.json (absent when the dataset has no label)
   samples.png                          grid of train images
 """
 
@@ -22,15 +22,9 @@ import torch
 
 from pdae.config import BaseConfig, PrepareConfig
 from pdae.data.base import RESERVED_COLUMNS, RawData, set_channels
-from pdae.data.classifier import (
-    CONFIG_NAME,
-    FORMAT,
-    evaluate_label_classifier,
-    save_label_classifier,
-    train_label_classifier,
-)
+from pdae.data.classifier import evaluate_label_classifier, save_label_classifier, train_label_classifier
 from pdae.errors import PdaeError
-from pdae.io import load_tensors, save_image_grid, save_tensors, write_csv, write_json
+from pdae.io import load_tensors, save_image_grid, save_tensors, write_csv
 
 SPLITS = ("train", "test")
 
@@ -102,7 +96,7 @@ def _attribute_frame(raw: RawData, test_idx: np.ndarray) -> pd.DataFrame:
 def _classifier(
     raw: RawData, train_idx: np.ndarray, test_idx: np.ndarray, cfg: PrepareConfig, seed: int, out: Path, **kw: Any
 ) -> dict[str, Any]:
-    """Train/evaluate/save the label classifier into `out`; without labels write a 'skipped' marker config."""
+    """Train/evaluate/save the label classifier into `out`; without labels write nothing and report why."""
     reason = None
     if not raw.has_label:
         reason = "no label column in the dataset"
@@ -111,7 +105,6 @@ def _classifier(
     elif raw.table["label"].nunique() < 2:
         reason = "the label column has fewer than 2 classes"
     if reason is not None:
-        write_json(out / CONFIG_NAME, {"format": FORMAT, "skipped": reason})
         return {"skipped": reason}
     labels = torch.from_numpy(np.array(raw.table["label"], dtype=np.int64))
     start = time.time()
