@@ -120,18 +120,20 @@ def train_label_classifier(
     device: torch.device | str = "cpu",
     batch_size: int = 64,
     lr: float = 3e-3,
+    num_classes: int | None = None,
 ) -> LabelClassifier:
     """Train on images float (N, C, S, S) in [-1, 1] and labels int64 (N,) in [0, K).
 
     AdamW with a one-cycle schedule for `cfg.classifier_epochs` epochs, width `cfg.classifier_width`, random
-    shifts of up to S/16 px (at least 1) as augmentation, seeded batches. Returns the model in eval mode on CPU.
+    shifts of up to S/16 px (at least 1) as augmentation, seeded batches. `num_classes` defaults to max label + 1.
+    Returns the model in eval mode on CPU.
     """
     if train_images.ndim != 4 or len(train_images) != len(train_labels) or len(train_images) == 0:
         raise ValueError("train_images must be (N, C, S, S) with N == len(train_labels) > 0")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     labels = train_labels.long()
-    num_classes = int(labels.max()) + 1
+    num_classes = max(num_classes or 0, int(labels.max()) + 1)
     model = LabelClassifier(train_images.shape[1], train_images.shape[-1], num_classes, cfg.classifier_width)
     model.to(device).train()
     epochs = cfg.classifier_epochs

@@ -108,7 +108,8 @@ def _classifier(
         return {"skipped": reason}
     labels = torch.from_numpy(np.array(raw.table["label"], dtype=np.int64))
     start = time.time()
-    model = train_label_classifier(raw.images[train_idx], labels[train_idx], cfg, seed, **kw)
+    k = int(labels.max()) + 1
+    model = train_label_classifier(raw.images[train_idx], labels[train_idx], cfg, seed, num_classes=k, **kw)
     seconds = time.time() - start
     save_label_classifier(model, out)
     test = evaluate_label_classifier(model, raw.images[test_idx], labels[test_idx])
