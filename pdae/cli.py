@@ -36,6 +36,7 @@ app = typer.Typer(
 
 # Help order: evaluation first, then the autoencoding commands, editing, utilities.
 COMMAND_MODULES = [
+    "pdae.commands.edit",
     "pdae.commands.tools",
 ]
 

@@ -1,0 +1,69 @@
+"""DVC stage `classify`: linear attribute probes on z vs pixels vs the bare DPM's x_T, edit directions,
+manipulation success and the manipulation / interpolation figures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from pdae import edit, probes
+from pdae.autoencode import load_models
+from pdae.data import binary_attribute_names, load_attributes, load_split
+from pdae.io import save_figure, write_csv, write_text
+from pdae.scoring import load_scorer
+from pdae.stage import stage_main
+
+PREPARED, LATENTS, OUT, REPORTS = Path("data/prepared"), Path("latents"), Path("models/classifier"), Path("reports")
+
+
+def body(cfg, run) -> dict:
+    c, seed = cfg["classify"], cfg["base"].seed
+    model, schedule = load_models("models/baseline", "models/pdae", cfg["device"])
+    frame, norm = load_attributes(PREPARED), probes.Normaliser.from_stats(LATENTS / "stats.safetensors")
+    names, split = binary_attribute_names(frame), {}
+    for s in ("train", "test"):
+        x, ids = load_split(PREPARED, s)
+        z = norm.normalise(probes.load_codes(LATENTS / f"{s}.safetensors", ids))
+        x_T = probes.dpm_inversion(model.backbone, x, schedule, c.xT_steps, c.batch_size, progress=True)
+        split[s] = (x, frame.iloc[ids.numpy()].reset_index(drop=True), {"z": z, "pixels": x, "xT": x_T})
+    feats = {k: (split["train"][2][k], split["test"][2][k]) for k in ("z", "pixels", "xT")}
+    feats = {k: v if k == "z" else probes.standardise(*v) for k, v in feats.items()}
+    train_rows, test_rows = split["train"][1], split["test"][1]
+    table, metrics, fitted = probes.probe_suite(feats, train_rows, test_rows, names, c.probe_c, c.max_iter)
+    directions = probes.AttributeDirections.from_probes(fitted["z"], norm)
+    directions.save(OUT, extra={"auroc_z": metrics["auroc"], "probe_c": c.probe_c, "z_dim": norm.dim})
+    metrics.update(xT_probe_steps=c.xT_steps, n_train=len(train_rows), n_test=len(test_rows))
+    # Manipulation and interpolation on a class-balanced test subset.
+    test_x = split["test"][0]
+    labels = torch.tensor(test_rows["label"].to_numpy()) if "label" in test_rows else None
+    sub = edit.balanced_subset(labels, c.manipulation_images, seed, len(test_x))
+    x, lab = test_x[sub], None if labels is None else labels[sub]
+    scorer, class_attrs = load_scorer(PREPARED), probes.class_attributes(frame, directions.names)
+    scale = max(c.scales)
+    metrics.update(manipulation_scale=scale, manipulation_steps=c.steps, manipulation_images=len(sub))
+    if scorer is not None and class_attrs and lab is not None:
+        res = edit.manipulation_success(model, schedule, scorer, x, lab, directions, class_attrs, scale, c.steps)
+        metrics.update(manipulation_success=res["manipulation_success"], manipulation_per_class=res["per_class"])
+        metrics["manipulation_reconstruction_agreement"] = res["reconstruction_agreement"]
+    n_fig = min(c.figure_images, len(x))
+    targets = edit.figure_targets(lab, class_attrs, directions.names, n_fig)
+    dirs = torch.stack([directions.direction(t) for t in targets])
+    edited = edit.manipulate(model, schedule, x[:n_fig], norm, dirs, c.scales, c.steps)
+    fig = edit.manipulation_figure(edited, [f"→ {t}" for t in targets], c.scales)
+    run.log_artifact(save_figure(REPORTS / "figures/manipulation.png", fig), "figures")
+    n_pairs = min(c.interpolate_pairs, len(x) // 2)
+    alphas = torch.linspace(0, 1, c.interpolate_frames).tolist()
+    frames = edit.interpolate(model, schedule, x[0 : 2 * n_pairs : 2], x[1 : 2 * n_pairs : 2], alphas, c.steps)
+    fig = edit.interpolation_figure(frames, alphas)
+    run.log_artifact(save_figure(REPORTS / "figures/interpolation.png", fig), "figures")
+    write_csv(REPORTS / "classify.csv", table)
+    write_text(REPORTS / "classify.md", probes.classify_report(table, metrics))
+    for path in (REPORTS / "classify.md", REPORTS / "classify.csv"):
+        run.log_artifact(path, "reports")
+    return metrics
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    stage_main("classify", ["classify"], body, metrics_file="metrics/classify.json")
