@@ -18,6 +18,10 @@ from safetensors.torch import load_file, save_file
 from pdae.errors import PdaeError
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 # Yield a temporary path beside `path`; on success rename it over `path`, on any error remove it.
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
@@ -30,6 +34,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file normal permissions
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
