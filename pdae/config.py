@@ -123,6 +123,63 @@ class ClassifyConfig(Section):
     interpolate_frames: int = Field(8, ge=2)
 
 
+# Latent DPM on normalised z (unconditional + few-shot generation) and the class-conditional G study.
+class LatentConfig(Section):
+    depth: int = Field(8, ge=1)  # hidden layers of the MLP (paper: 10)
+    width: int = Field(256, ge=4)  # hidden width (paper: 2048 for z_dim 512)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    beta: float = Field(0.008, gt=0, lt=1)  # constant beta of the latent diffusion
+    T: int = Field(1000, ge=2)
+    loss: Literal["l1", "l2"] = "l1"
+    images: int = Field(250_000, ge=0)  # training length in latents seen
+    batch_size: int = Field(256, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    checkpoint_every: int = Field(500, ge=1)
+    clip_noise: bool = False  # clamp z_T ~ N(0, I) to [-1, 1] (official code: true)
+    clip_x0: bool = False  # clamp the latent DDIM x0 prediction to [-1, 1] in normalised space (official: true)
+    latent_steps: int = Field(100, ge=1)  # latent DDIM steps
+    steps: int = Field(50, ge=1, le=1000)  # image DDIM steps when decoding (and for the bare DPM)
+    shift_fraction: float = Field(0.7, ge=0, le=1)  # G applied during this first fraction of decoding steps
+    n_samples: int = Field(1000, ge=2)  # unconditional samples (latent DPM and bare DPM) for the FD
+    study_samples: int = Field(500, ge=0)  # paired samples per clamp setting in the clamp study
+    eval_batch_size: int = Field(500, ge=1)  # images per sampling batch
+    fewshot_k: list[int] = Field(default_factory=lambda: [1, 5, 10], min_length=1)
+    fewshot_samples: int = Field(16, ge=1)  # decoded images per class and K
+    fewshot_draws: int = Field(4000, ge=1)  # cap on latent-DPM draws (the rejection-sampling pool)
+    fewshot_threshold: float = Field(0.5, gt=0, lt=1)  # accept a draw when p(target | z) >= this
+    fewshot_c: float = Field(1.0, gt=0)  # inverse L2 strength of the few-shot logistic regression
+    classcond_images: int = Field(10_000, ge=0)  # class-conditional G training length (0 = skip)
+    classcond_batch_size: int = Field(64, ge=1)
+    classcond_lr: float = Field(5e-4, gt=0)
+    classcond_scales: list[float] = Field(default_factory=lambda: [0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0], min_length=1)
+    classcond_samples: int = Field(8, ge=1)  # images per class and scale (same x_T for every scale)
+
+
+# Evaluation: reconstruction table, FID/KID sets, gap curve, report and the served encoder (sized for 2 CPU cores).
+class EvaluateConfig(Section):
+    steps: list[int] = Field(default_factory=lambda: [10, 20, 50, 100], min_length=1)  # decoding steps T
+    inversion_steps: int | None = Field(None, ge=1, le=1000)  # None: T-step inversion per T; else one shared
+    n_images: int = Field(48, ge=2)  # test images in the reconstruction table
+    metrics: list[Literal["ssim", "mse", "lpips", "fid"]] = Field(
+        default_factory=lambda: ["ssim", "mse", "lpips", "fid"], min_length=1
+    )
+    fid_samples: int = Field(100, ge=2)  # images per generated FID/KID set
+    fid_real: int = Field(200, ge=2)  # real reference images (train split)
+    fid_steps: int = Field(50, ge=1, le=1000)  # DDIM steps of every generated FID/KID set
+    gap_images: int = Field(48, ge=1)
+    batch_size: int = Field(256, ge=1)
+    log_models: bool = True  # log models/ + the served encoder (pyfunc) to the MLflow run
+
+    @field_validator("steps")
+    @classmethod
+    def _steps_range(cls, value: list[int]) -> list[int]:
+        if any(not 1 <= s <= 1000 for s in value) or len(set(value)) != len(value):
+            raise ValueError(f"steps must be distinct integers in [1, 1000] (got {value})")
+        return sorted(value)
+
+
 SECTIONS: dict[str, type[Section]] = {
     "base": BaseConfig,
     "prepare": PrepareConfig,
@@ -130,6 +187,8 @@ SECTIONS: dict[str, type[Section]] = {
     "train": TrainConfig,
     "encode": EncodeConfig,
     "classify": ClassifyConfig,
+    "latent": LatentConfig,
+    "evaluate": EvaluateConfig,
 }
 
 

@@ -1,0 +1,454 @@
+"""Latent DPM (PDAE.md §5): unconditional and few-shot generation from z, and class-conditional G.
+
+The latent DPM models z normalised per dimension with the train statistics (latents/stats.safetensors):
+z_n = (z - mean) / std. It is an epsilon-predicting MLP (`pdae.nets.latent.LatentMLP`) on a constant-beta schedule
+(beta = 0.008, T = 1000) trained with an L1 loss through the shared loop `pdae.train.train`. Sampling draws
+z_T ~ N(0, I), runs latent DDIM, de-normalises and decodes images from random x_T with G applied during the first
+`shift_fraction` of the image DDIM steps. Both clamps of the official code (z_T and the latent x0 prediction to
+[-1, 1]) are options.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from pdae.config import BaseConfig, LatentConfig, TrainConfig
+from pdae.diffusion import Schedule
+from pdae.errors import PdaeError
+from pdae.io import load_tensors, read_json, save_tensors, write_json
+from pdae.nets.latent import LatentMLP
+from pdae.sampling import ddim_sample, plain
+from pdae.train import TrainResult, TrainSpec, train
+
+WEIGHTS_NAME, CONFIG_NAME = "latent.safetensors", "latent_config.json"
+Figure = tuple[Tensor, int]  # images (N, C, H, W) in [-1, 1] and images per grid row
+
+
+# The MLP plus the normalisation statistics and the diffusion schedule it was trained with.
+class LatentDPM(nn.Module):
+    def __init__(self, mlp: LatentMLP, mean: Tensor, std: Tensor, beta: float = 0.008, T: int = 1000) -> None:
+        super().__init__()
+        self.mlp = mlp
+        self.register_buffer("mean", mean.detach().float().clone())
+        self.register_buffer("std", std.detach().float().clone())
+        self.beta, self.T = float(beta), int(T)
+        self.schedule = Schedule.constant(self.T, self.beta)
+
+    def normalise(self, z: Tensor) -> Tensor:
+        """Raw z (N, z_dim) -> z_n (N, z_dim) with zero mean / unit std per dimension (train statistics)."""
+        return (z.to(self.mean) - self.mean) / self.std
+
+    def denormalise(self, zn: Tensor) -> Tensor:
+        return zn.to(self.mean) * self.std + self.mean
+
+    def forward(self, z_t: Tensor, t: Tensor) -> Tensor:
+        return self.mlp(z_t, t)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return {**self.mlp.config, "beta": self.beta, "T": self.T}
+
+
+def latent_loss(schedule: Schedule, kind: str = "l1"):
+    """Loss callable for `train`: mean |eps - eps_theta(z_t, t)| (or squared) over normalised codes batch = (z_n,)."""
+    if kind not in ("l1", "l2"):
+        raise PdaeError(f"unknown latent loss '{kind}'; use l1 or l2.")
+
+    def loss_fn(mods, batch: tuple[Tensor, ...], gen: torch.Generator) -> Tensor:
+        zn = batch[0]
+        t = torch.randint(0, schedule.T, (zn.shape[0],), generator=gen).to(zn.device)
+        noise = torch.randn(zn.shape, generator=gen).to(zn.device)
+        diff = mods["mlp"](schedule.q_sample(zn, t, noise), t).float() - noise
+        return diff.abs().mean() if kind == "l1" else (diff**2).mean()
+
+    return loss_fn
+
+
+def train_latent(
+    z: Tensor,
+    mean: Tensor,
+    std: Tensor,
+    cfg: LatentConfig,
+    seed: int,
+    device: torch.device,
+    checkpoint: Path | None = None,
+    run: Any | None = None,
+    progress: bool = True,
+    stop_after_steps: int | None = None,
+) -> tuple[LatentDPM, TrainResult]:
+    """Train the latent DPM on raw train codes z (N, z_dim); returns (LatentDPM with EMA weights, CPU; result)."""
+    torch.manual_seed(seed)
+    mlp = LatentMLP(z.shape[1], cfg.depth, cfg.width, dropout=cfg.dropout)
+    dpm = LatentDPM(mlp, mean, std, cfg.beta, cfg.T)
+    spec = TrainSpec(
+        images=cfg.images,
+        batch_size=min(cfg.batch_size, z.shape[0]),
+        lr=cfg.lr,
+        ema_decay=cfg.ema_decay,
+        checkpoint_every=cfg.checkpoint_every,
+        seed=seed,
+        optimizer="adamw",
+        weight_decay=cfg.weight_decay,
+        fingerprint={"model": dpm.config, "loss": cfg.loss, "data": list(z.shape)},
+    )
+    data = (dpm.normalise(z).float(),)
+    result = train(
+        {"mlp": mlp},
+        latent_loss(dpm.schedule, cfg.loss),
+        data,
+        spec,
+        checkpoint,
+        device,
+        run,
+        desc="latent",
+        progress=progress,
+        stop_after_steps=stop_after_steps,
+    )
+    dpm.mlp.load_state_dict(result.ema["mlp"].state_dict())
+    return dpm.cpu().eval(), result
+
+
+def save_latent(dpm: LatentDPM, directory: str | os.PathLike) -> Path:
+    """Atomically write latent.safetensors (mlp.* EMA weights, mean, std) and latent_config.json to `directory`."""
+    directory = Path(directory)
+    save_tensors(directory / WEIGHTS_NAME, dpm.state_dict(), metadata={"format": dpm.mlp.config["format"]})
+    write_json(directory / CONFIG_NAME, dpm.config)
+    return directory
+
+
+def load_latent(directory: str | os.PathLike) -> LatentDPM:
+    """Rebuild a LatentDPM written by `save_latent` (eval mode, CPU); a mismatched/broken folder raises PdaeError."""
+    directory = Path(directory)
+    cfg = read_json(directory / CONFIG_NAME, what="latent DPM config")
+    tensors = load_tensors(directory / WEIGHTS_NAME, what="latent DPM weights")
+    try:
+        mlp = LatentMLP(cfg["z_dim"], cfg["depth"], cfg["width"], cfg["time_dim"], cfg["time_width"], cfg["dropout"])
+        dpm = LatentDPM(mlp, tensors["mean"], tensors["std"], cfg["beta"], cfg["T"])
+        dpm.load_state_dict(tensors, strict=True)
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise PdaeError(
+            f"{directory}: the latent DPM files do not match ({str(err).splitlines()[0][:160]}); re-run the latent "
+            "stage (dvc repro latent)."
+        ) from None
+    return dpm.eval()
+
+
+@torch.no_grad()
+def latent_ddim(
+    eps_fn, z_T: Tensor, schedule: Schedule, steps: int = 100, clip_x0: bool = False, clip_range: float = 1.0
+) -> Tensor:
+    """Latent DDIM from z_T (N, z_dim) to the clean code z_0 (N, z_dim), normalised space.
+
+    The shared sampler runs the grid down to t = 0; one last DDIM move to abar_{-1} = 1 (the x0 prediction at t = 0)
+    removes the remaining sqrt(1 - abar_0) noise (0.09 for beta = 0.008). `clip_x0` clamps every x0 prediction.
+    """
+    x = ddim_sample(plain(eps_fn), z_T, schedule, steps, clip=clip_x0, clip_range=clip_range)
+    t0 = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+    x0 = schedule.x0_from_eps(x, t0, eps_fn(x, t0))
+    return x0.clamp(-clip_range, clip_range) if clip_x0 else x0
+
+
+@torch.no_grad()
+def sample_latents(
+    dpm: LatentDPM,
+    n: int,
+    steps: int = 100,
+    clip_noise: bool = False,
+    clip_x0: bool = False,
+    generator: torch.Generator | None = None,
+    batch_size: int = 1000,
+    noise: Tensor | None = None,
+) -> Tensor:
+    """n raw codes (n, z_dim) (de-normalised) from the latent DPM; `noise` (n, z_dim) fixes z_T (paired studies)."""
+    dev = dpm.mean.device
+    z_T = noise if noise is not None else torch.randn(n, dpm.mlp.z_dim, generator=generator)
+    if clip_noise:
+        z_T = z_T.clamp(-1, 1)
+    outs = [
+        latent_ddim(dpm, z_T[i : i + batch_size].to(dev), dpm.schedule, steps, clip_x0).cpu()
+        for i in range(0, n, batch_size)
+    ]
+    return dpm.denormalise(torch.cat(outs)).cpu()
+
+
+def latent_fd(a: Tensor, b: Tensor, dpm: LatentDPM) -> float:
+    """Fréchet distance between two sets of raw codes (N, z_dim), measured in normalised space."""
+    from pdae.metrics import frechet_distance
+
+    return frechet_distance(dpm.normalise(a).cpu(), dpm.normalise(b).cpu())
+
+
+@torch.no_grad()
+def bare_samples(backbone, x_T: Tensor, schedule: Schedule, steps: int, batch_size: int = 500) -> Tensor:
+    """The bare DPM's own unconditional DDIM samples (N, C, H, W) in [-1, 1] from x_T (N, C, H, W)."""
+    dev = next(iter(backbone.parameters())).device
+    outs = [
+        ddim_sample(plain(backbone), x_T[i : i + batch_size].to(dev), schedule, steps).clamp(-1, 1).cpu()
+        for i in range(0, len(x_T), batch_size)
+    ]
+    return torch.cat(outs)
+
+
+def labels_for(attrs, ids: Tensor) -> Tensor | None:
+    """Integer `label` (N,) of the prepared rows `ids` (N,) from attributes.csv's frame, or None without labels."""
+    if "label" not in attrs.columns:
+        return None
+    return torch.from_numpy(attrs.set_index("id").loc[ids.numpy(), "label"].to_numpy(dtype=np.int64).copy())
+
+
+# ---- few-shot conditional generation (D2C protocol) -------------------------------------------------------------
+
+
+def fit_fewshot(pos: Tensor, unlabelled: Tensor, c: float = 1.0, seed: int = 0):
+    """Logistic regression positives (K, z_dim) vs unlabelled (M, z_dim) on normalised codes, classes balanced."""
+    from sklearn.linear_model import LogisticRegression
+
+    x = torch.cat([pos, unlabelled]).double().numpy()
+    y = np.r_[np.ones(len(pos)), np.zeros(len(unlabelled))]
+    return LogisticRegression(C=c, class_weight="balanced", max_iter=2000, random_state=seed).fit(x, y)
+
+
+def rejection_select(scores: Tensor, n: int, threshold: float = 0.5) -> tuple[Tensor, float]:
+    """Rejection sampling over a pool of draws in draw order: keep the first n with score >= threshold.
+
+    scores (M,) = p(target | z) of the M draws (M = the cap on draws). When fewer than n are accepted the rest is
+    filled with the best-scoring rejected draws. Returns (indices (n,), acceptance rate over the pool).
+    """
+    accepted = torch.nonzero(scores >= threshold).flatten()
+    keep = accepted[:n]
+    if len(keep) < n:
+        rejected = torch.nonzero(scores < threshold).flatten()
+        best = rejected[scores[rejected].argsort(descending=True)]
+        keep = torch.cat([keep, best[: n - len(keep)]])
+    return keep, len(accepted) / max(len(scores), 1)
+
+
+def fewshot_positives(labels: Tensor, target: int, k: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Indices of k random labelled positives of class `target` (from labels (N,)) and of the unlabelled rest."""
+    cls = torch.nonzero(labels == target).flatten()
+    if len(cls) < k:
+        raise PdaeError(f"few-shot: class {target} has {len(cls)} training examples, fewer than K = {k}.")
+    pos = cls[torch.randperm(len(cls), generator=generator)[:k]]
+    mask = torch.ones(len(labels), dtype=torch.bool)
+    mask[pos] = False
+    return pos, torch.nonzero(mask).flatten()
+
+
+def fewshot_codes(
+    dpm: LatentDPM,
+    train_z: Tensor,
+    labels: Tensor,
+    pool: Tensor,
+    target: int,
+    k: int,
+    n: int,
+    threshold: float = 0.5,
+    c: float = 1.0,
+    seed: int = 0,
+) -> tuple[Tensor, float]:
+    """Raw codes (n, z_dim) for class `target` from K labelled train codes: fit, score the pool (raw latent-DPM draws
+    (M, z_dim)), reject. Returns (codes, acceptance rate)."""
+    gen = torch.Generator().manual_seed(seed * 1000 + target * 37 + k)
+    pos, rest = fewshot_positives(labels, target, k, gen)
+    zn = dpm.normalise(train_z).cpu()
+    clf = fit_fewshot(zn[pos], zn[rest], c, seed)
+    scores = torch.from_numpy(clf.predict_proba(dpm.normalise(pool).cpu().double().numpy())[:, 1])
+    idx, rate = rejection_select(scores, n, threshold)
+    return pool[idx], rate
+
+
+# ---- class-conditional G ----------------------------------------------------------------------------------------
+
+
+def train_classcond(
+    backbone,
+    schedule: Schedule,
+    images: Tensor,
+    labels: Tensor,
+    num_classes: int,
+    z_dim: int,
+    base: BaseConfig,
+    cfg: LatentConfig,
+    device: torch.device,
+    checkpoint: Path | None = None,
+    run: Any | None = None,
+    progress: bool = True,
+):
+    """Train G on a learned class embedding (E replaced by LabelEncoder) for cfg.classcond_images images.
+
+    images (N, C, H, W) in [-1, 1], labels (N,) in [0, num_classes). Returns (PDAE with EMA weights, TrainResult).
+    """
+    from pdae.fit import train_pdae
+
+    tcfg = TrainConfig(
+        z_dim=z_dim,
+        images=cfg.classcond_images,
+        batch_size=cfg.classcond_batch_size,
+        lr=cfg.classcond_lr,
+        checkpoint_every=cfg.checkpoint_every,
+    )
+    return train_pdae(
+        backbone,
+        schedule,
+        images,
+        base,
+        tcfg,
+        device,
+        checkpoint,
+        run,
+        labels=labels,
+        num_classes=num_classes,
+        progress=progress,
+        desc="classcond",
+    )
+
+
+@torch.no_grad()
+def classcond_sample(
+    model, labels: Tensor, x_T: Tensor, schedule: Schedule, scale: float, steps: int = 50, batch_size: int = 500
+) -> Tensor:
+    """Images (N, C, H, W) in [-1, 1] for labels (N,) from x_T (N, C, H, W), G scaled by `scale` at every step.
+
+    scale = 0 is exactly the bare DPM's DDIM sample from the same x_T.
+    """
+    from pdae.autoencode import decode
+
+    z = model.encode(labels.to(next(model.parameters()).device)).cpu()
+    return decode(model, z, x_T, schedule, steps, shift_scale=scale, batch_size=batch_size)
+
+
+# ---- studies run by the `latent` stage --------------------------------------------------------------------------
+
+# Clamp settings of the unconditional study: (clamp z_T, clamp latent x0).
+CLAMPS: dict[str, tuple[bool, bool]] = {
+    "none": (False, False),
+    "noise": (True, False),
+    "x0": (False, True),
+    "both": (True, True),
+}
+
+
+def clamp_name(clip_noise: bool, clip_x0: bool) -> str:
+    return {v: k for k, v in CLAMPS.items()}[(clip_noise, clip_x0)]
+
+
+def decode_codes(model, z: Tensor, x_T: Tensor, schedule: Schedule, cfg: LatentConfig) -> Tensor:
+    """Images (N, C, H, W) in [-1, 1] from raw codes z (N, z_dim) and x_T, G on for the first cfg.shift_fraction."""
+    from pdae.autoencode import decode
+
+    return decode(
+        model, z, x_T, schedule, cfg.steps, shift_fraction=cfg.shift_fraction, batch_size=cfg.eval_batch_size
+    )
+
+
+def uncond_study(
+    dpm: LatentDPM,
+    model,
+    schedule: Schedule,
+    test_z: Tensor,
+    cfg: LatentConfig,
+    gen: torch.Generator,
+    scorer=None,
+    test_x: Tensor | None = None,
+) -> tuple[dict[str, Any], dict[str, Figure]]:
+    """Unconditional generation: latent DPM + PDAE decoding vs the bare DPM, and the clamp study.
+
+    Every setting uses the same z_T noise and x_T (paired). Latent FD (normalised z vs the test codes) is measured for
+    all four clamp settings on cfg.n_samples draws; image metrics (label-classifier FD vs `test_x`, class entropy)
+    for the configured setting and the bare DPM on cfg.n_samples, and for "none" vs "both" on cfg.study_samples.
+    Returns (metrics, figures "samples" (48 latent-DPM samples over 48 bare-DPM samples from the same x_T) and
+    "clamp" (columns of paired unclamped / clamped samples)).
+    """
+    from pdae.scoring import class_scores, classifier_fd
+
+    n, ns, size = cfg.n_samples, min(cfg.study_samples, cfg.n_samples), model.backbone.image_size
+    noise = torch.randn(n, dpm.mlp.z_dim, generator=gen)
+    x_T = torch.randn(n, model.backbone.in_channels, size, size, generator=gen)
+    chosen = clamp_name(cfg.clip_noise, cfg.clip_x0)
+    codes = {k: sample_latents(dpm, n, cfg.latent_steps, *v, noise=noise) for k, v in CLAMPS.items()}
+    study: dict[str, Any] = {k: {"latent_fd": latent_fd(z, test_z, dpm)} for k, z in codes.items()}
+    images = {"latent": decode_codes(model, codes[chosen], x_T, schedule, cfg)}
+    images["bare"] = bare_samples(model.backbone, x_T, schedule, cfg.steps, cfg.eval_batch_size)
+    for k in ("none", "both"):
+        imgs = images["latent"][:ns] if k == chosen else decode_codes(model, codes[k][:ns], x_T[:ns], schedule, cfg)
+        images[k] = imgs
+    metrics: dict[str, Any] = {"uncond_latent_fd": study[chosen]["latent_fd"], "clamp": chosen}
+    if scorer is not None and test_x is not None:
+        for key, imgs in (("uncond", images["latent"]), ("baseline_uncond", images["bare"])):
+            scores = class_scores(scorer, imgs)
+            metrics[f"{key}_fd"] = classifier_fd(scorer, imgs, test_x)
+            metrics[f"{key}_class_entropy"] = scores["class_entropy"]
+            metrics[f"{key}_confident_fraction"] = scores["confident_fraction"]
+        for k in ("none", "both"):
+            if ns >= 2:
+                study[k]["fd"] = classifier_fd(scorer, images[k], test_x)
+                study[k]["class_entropy"] = class_scores(scorer, images[k])["class_entropy"]
+    metrics["clamp_study"] = {"samples": ns, "latent_samples": n, **study}
+    pairs = torch.stack([images["none"][:16], images["both"][:16]], 1).flatten(0, 1)
+    return metrics, {"samples": (torch.cat([images["latent"][:48], images["bare"][:48]]), 16), "clamp": (pairs, 16)}
+
+
+def fewshot_study(
+    dpm: LatentDPM,
+    model,
+    schedule: Schedule,
+    train_z: Tensor,
+    labels: Tensor,
+    cfg: LatentConfig,
+    gen: torch.Generator,
+    scorer,
+    seed: int = 0,
+) -> tuple[dict[str, Any], dict[str, Figure]]:
+    """Few-shot generation per K in cfg.fewshot_k for every class of `labels` (N,) (aligned with train_z (N, z_dim)).
+
+    One pool of cfg.fewshot_draws latent-DPM draws is the cap on draws. Returns ({"fewshot_precision": {K: mean over
+    classes}, "fewshot_acceptance": {K: ...}}, figures "fewshot_K<K>": one row of images per class).
+    """
+    from pdae.scoring import agreement
+
+    classes = sorted(int(c) for c in torch.unique(labels))
+    pool = sample_latents(
+        dpm, cfg.fewshot_draws, cfg.latent_steps, cfg.clip_noise, cfg.clip_x0, gen, cfg.eval_batch_size
+    )
+    size, m = model.backbone.image_size, cfg.fewshot_samples
+    precision, acceptance, grids = {}, {}, {}
+    for k in cfg.fewshot_k:
+        picked = [
+            fewshot_codes(dpm, train_z, labels, pool, c, k, m, cfg.fewshot_threshold, cfg.fewshot_c, seed)
+            for c in classes
+        ]
+        z = torch.cat([p[0] for p in picked])
+        x_T = torch.randn(len(z), model.backbone.in_channels, size, size, generator=gen)
+        imgs = decode_codes(model, z, x_T, schedule, cfg)
+        precision[k] = agreement(scorer, imgs, torch.tensor(classes).repeat_interleave(m))  # classes equally sized
+        acceptance[k] = float(np.mean([p[1] for p in picked]))
+        grids[f"fewshot_K{k}"] = (imgs, m)
+    return {"fewshot_precision": precision, "fewshot_acceptance": acceptance, "fewshot_draws": len(pool)}, grids
+
+
+def classcond_study(
+    model, schedule: Schedule, num_classes: int, cfg: LatentConfig, gen: torch.Generator, scorer
+) -> tuple[dict[str, Any], dict[str, Figure]]:
+    """Class-conditional sampling for every scale w: the same x_T per (class, sample) for all w.
+
+    Returns ({"classcond_precision": {w: share assigned to the conditioning class}}, figure "classcond": one row per w
+    of up to 2 samples per class).
+    """
+    from pdae.scoring import agreement
+
+    size, m = model.backbone.image_size, cfg.classcond_samples
+    labels = torch.arange(num_classes).repeat_interleave(m)
+    x_T = torch.randn(len(labels), model.backbone.in_channels, size, size, generator=gen)
+    shown = torch.cat([torch.arange(c * m, c * m + min(m, 2)) for c in range(num_classes)])
+    precision, rows = {}, []
+    for w in cfg.classcond_scales:
+        imgs = classcond_sample(model, labels, x_T, schedule, w, cfg.steps, cfg.eval_batch_size)
+        precision[w] = agreement(scorer, imgs, labels)
+        rows.append(imgs[shown])
+    return {"classcond_precision": precision}, {"classcond": (torch.cat(rows), len(shown))}
