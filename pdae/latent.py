@@ -11,6 +11,7 @@ z_T ~ N(0, I), runs latent DDIM, de-normalises and decodes images from random x_
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -367,7 +368,7 @@ def uncond_study(
     """
     from pdae.scoring import class_scores, classifier_fd
 
-    n, ns, size = cfg.n_samples, min(cfg.study_samples, cfg.n_samples), model.backbone.image_size
+    start, n, ns, size = time.time(), cfg.n_samples, min(cfg.study_samples, cfg.n_samples), model.backbone.image_size
     noise = torch.randn(n, dpm.mlp.z_dim, generator=gen)
     x_T = torch.randn(n, model.backbone.in_channels, size, size, generator=gen)
     chosen = clamp_name(cfg.clip_noise, cfg.clip_x0)
@@ -390,6 +391,7 @@ def uncond_study(
                 study[k]["fd"] = classifier_fd(scorer, images[k], test_x)
                 study[k]["class_entropy"] = class_scores(scorer, images[k])["class_entropy"]
     metrics["clamp_study"] = {"samples": ns, "latent_samples": n, **study}
+    metrics["uncond_seconds"] = round(time.time() - start, 1)
     pairs = torch.stack([images["none"][:16], images["both"][:16]], 1).flatten(0, 1)
     return metrics, {"samples": (torch.cat([images["latent"][:48], images["bare"][:48]]), 16), "clamp": (pairs, 16)}
 
@@ -412,7 +414,7 @@ def fewshot_study(
     """
     from pdae.scoring import agreement
 
-    classes = sorted(int(c) for c in torch.unique(labels))
+    start, classes = time.time(), sorted(int(c) for c in torch.unique(labels))
     pool = sample_latents(
         dpm, cfg.fewshot_draws, cfg.latent_steps, cfg.clip_noise, cfg.clip_x0, gen, cfg.eval_batch_size
     )
@@ -429,7 +431,9 @@ def fewshot_study(
         precision[k] = agreement(scorer, imgs, torch.tensor(classes).repeat_interleave(m))  # classes equally sized
         acceptance[k] = float(np.mean([p[1] for p in picked]))
         grids[f"fewshot_K{k}"] = (imgs, m)
-    return {"fewshot_precision": precision, "fewshot_acceptance": acceptance, "fewshot_draws": len(pool)}, grids
+    seconds = round(time.time() - start, 1)
+    metrics = {"fewshot_precision": precision, "fewshot_acceptance": acceptance, "fewshot_draws": len(pool)}
+    return {**metrics, "fewshot_samples": m, "fewshot_seconds": seconds}, grids
 
 
 def classcond_study(
@@ -442,7 +446,7 @@ def classcond_study(
     """
     from pdae.scoring import agreement
 
-    size, m = model.backbone.image_size, cfg.classcond_samples
+    start, size, m = time.time(), model.backbone.image_size, cfg.classcond_samples
     labels = torch.arange(num_classes).repeat_interleave(m)
     x_T = torch.randn(len(labels), model.backbone.in_channels, size, size, generator=gen)
     shown = torch.cat([torch.arange(c * m, c * m + min(m, 2)) for c in range(num_classes)])
@@ -451,4 +455,9 @@ def classcond_study(
         imgs = classcond_sample(model, labels, x_T, schedule, w, cfg.steps, cfg.eval_batch_size)
         precision[w] = agreement(scorer, imgs, labels)
         rows.append(imgs[shown])
-    return {"classcond_precision": precision}, {"classcond": (torch.cat(rows), len(shown))}
+    metrics = {
+        "classcond_precision": precision,
+        "classcond_samples": m,
+        "classcond_seconds": round(time.time() - start, 1),
+    }
+    return metrics, {"classcond": (torch.cat(rows), len(shown))}

@@ -57,7 +57,8 @@ def body(cfg, run) -> dict:
                                                base, lcfg, device, CKPT / "classcond.safetensors", run)  # fmt: skip
             save_pdae(cc_model, OUT / "classcond")
             cc, cc_figs = classcond_study(cc_model, schedule, n_cls, lcfg, gen, scorer)
-            metrics.update(cc, classcond_images_seen=cc_res.images_seen)
+            metrics.update(cc, classcond_images_seen=cc_res.images_seen,
+                           classcond_train_seconds=round(cc_res.seconds, 1))  # fmt: skip
             figures.update(cc_figs)
     for name, (images, nrow) in figures.items():
         run.log_artifact(save_image_grid(FIGS / f"{name}.png", images, nrow=nrow), "figures/latent")

@@ -205,7 +205,7 @@ class _RecordingRun:
         pass
 
 
-def test_latent_stage_on_tiny_project(tiny_project, monkeypatch):
+def _run_stage(tiny_project: Path, monkeypatch) -> tuple[dict, _RecordingRun]:
     monkeypatch.chdir(tiny_project)
     (tiny_project / "params.yaml").write_text(
         "base:\n  image_size: 8\n  threads: 1\n  device: cpu\n"
@@ -221,7 +221,11 @@ def test_latent_stage_on_tiny_project(tiny_project, monkeypatch):
     from pdae.stage import stage_main
 
     stage_main("latent", ["latent"], stage.body, metrics_file="metrics/latent.json")
-    m = json.loads((tiny_project / "metrics/latent.json").read_text())
+    return json.loads((tiny_project / "metrics/latent.json").read_text()), run
+
+
+def test_latent_stage_on_tiny_project(tiny_project, monkeypatch):
+    m, run = _run_stage(tiny_project, monkeypatch)
     for key in ("uncond_fd", "baseline_uncond_fd", "real_fd", "uncond_class_entropy", "uncond_latent_fd"):
         assert m[key] is not None and m[key] >= 0, key
     assert set(m["fewshot_precision"]) == {"1", "2"} and set(m["classcond_precision"]) == {"0.0", "1.0"}
@@ -229,3 +233,16 @@ def test_latent_stage_on_tiny_project(tiny_project, monkeypatch):
     assert load_latent(tiny_project / "models/latent").mlp.config["width"] == 16
     assert {"samples.png", "clamp.png", "fewshot_K1.png", "fewshot_K2.png", "classcond.png"} <= set(run.artifacts)
     assert not list((tiny_project / "checkpoints/latent").glob("*.safetensors"))
+
+
+def test_latent_stage_without_labels_skips_label_metrics(tiny_project, monkeypatch):
+    import shutil
+
+    import pandas as pd
+
+    attrs = tiny_project / "data/prepared/attributes.csv"
+    pd.read_csv(attrs).drop(columns=["label"]).to_csv(attrs, index=False)
+    shutil.rmtree(tiny_project / "data/prepared/label_classifier")
+    m, run = _run_stage(tiny_project, monkeypatch)
+    assert m["label_metrics"].startswith("skipped") and "fewshot_precision" not in m and "uncond_fd" not in m
+    assert m["uncond_latent_fd"] >= 0 and {"samples.png", "clamp.png"} <= set(run.artifacts)
