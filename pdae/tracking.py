@@ -65,19 +65,23 @@ def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+
+
 def _check_reachable(uri: str) -> None:
     """Fail fast (before any compute) when a remote tracking server does not answer."""
     if not uri.startswith(("http://", "https://")):
         return
     import requests
 
+    fix = "start it, fix MLFLOW_TRACKING_URI, or set PDAE_TRACKING=off to run without tracking"
     try:
-        requests.get(uri.rstrip("/") + "/health", timeout=5)
+        resp = requests.get(uri.rstrip("/") + "/health", timeout=5)
     except requests.RequestException as err:
-        raise PdaeError(
-            f"MLflow tracking server {uri} is unreachable ({type(err).__name__}); start it, fix "
-            "MLFLOW_TRACKING_URI, or set PDAE_TRACKING=off to run without tracking."
-        ) from None
+        raise PdaeError(f"MLflow tracking server {uri} is unreachable ({type(err).__name__}); {fix}.") from None
+    if resp.status_code >= 500:  # MLflow's client would retry such answers for minutes
+        raise PdaeError(f"MLflow tracking server {uri} answers HTTP {resp.status_code} (server error); {fix}.")
 
 
 # Thin wrapper over an active MLflow run: every call is a no-op when tracking is off, and a logging failure
@@ -160,7 +164,7 @@ def stage_run(
         mlflow.set_experiment(EXPERIMENT)
     except Exception as err:  # noqa: BLE001
         raise PdaeError(
-            f"MLflow store {uri} cannot be opened ({str(err).splitlines()[0][:200]}); fix MLFLOW_TRACKING_URI "
+            f"MLflow store {uri} cannot be opened ({_first_line(err)}); fix MLFLOW_TRACKING_URI "
             "or set PDAE_TRACKING=off."
         ) from None
     tags = {
@@ -169,8 +173,22 @@ def stage_run(
         "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
         **(extra_tags or {}),
     }
-    with mlflow.start_run(run_name=stage, tags=tags):
+    try:
+        mlflow.start_run(run_name=stage, tags=tags)
+    except Exception as err:  # noqa: BLE001
+        raise PdaeError(
+            f"MLflow run cannot be started in {uri} ({_first_line(err)}); fix MLFLOW_TRACKING_URI "
+            "or set PDAE_TRACKING=off."
+        ) from None
+    status = "FAILED"
+    try:
         run = StageRun(mlflow)
         if params:
             run.log_params(params)
         yield run
+        status = "FINISHED"
+    finally:
+        try:
+            mlflow.end_run(status)
+        except Exception as err:  # noqa: BLE001 - the stage's results are on disk already
+            warnings.warn(f"MLflow end_run failed ({err}); results on disk are unaffected.", stacklevel=3)

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from pdae.errors import PdaeError
-from pdae.io import load_metadata, load_tensors, save_tensors
+from pdae.io import load_metadata, load_tensors, remove_stale_temps, save_tensors
 
 # loss_fn(modules, batch, generator) -> scalar loss. `modules` may hold DDP wrappers: call them, don't reach inside.
 LossFn = Callable[[Mapping[str, nn.Module], tuple[Tensor, ...], torch.Generator], Tensor]
@@ -199,6 +199,8 @@ def train(
     noise_gen = gen
     perm, pos, step, history = torch.randperm(n, generator=gen), 0, 0, []
     resumed = 0
+    if checkpoint is not None and rank == 0:
+        remove_stale_temps(checkpoint)  # left by a run killed while writing its checkpoint
     if checkpoint is not None and checkpoint.is_file() and checkpoint_compatible(checkpoint, spec):
         step, pos, perm, history = _load_checkpoint(checkpoint, mods, ema, opt, gen)
         resumed = step
@@ -227,14 +229,14 @@ def train(
         batch = tuple(d[idx].to(device, non_blocking=True) for d in data)
         with autocast:
             loss = loss_fn(call_mods, batch, noise_gen)
+        where = f"; the last good checkpoint is kept at {checkpoint}" if checkpoint and checkpoint.exists() else ""
         if not torch.isfinite(loss):
-            where = f"; the last good checkpoint is kept at {checkpoint}" if checkpoint and checkpoint.exists() else ""
             raise PdaeError(f"{desc}: loss became {loss.item()} at step {step}{where}. Lower the learning rate.")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
         if not torch.isfinite(gnorm):
-            raise PdaeError(f"{desc}: gradients became non-finite at step {step}. Lower the learning rate.")
+            raise PdaeError(f"{desc}: gradients became non-finite at step {step}{where}. Lower the learning rate.")
         opt.step()
         step += 1
         for k in mods:

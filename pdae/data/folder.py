@@ -7,6 +7,7 @@ The streaming datasets below read one file per item; `load_folder_data` stacks t
 from __future__ import annotations
 
 import io
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -53,7 +54,15 @@ def decode_image(data: bytes | Path, image_size: int, channels: int, name: str) 
     if isinstance(data, bytes) and not data:
         raise PdaeError(f"image {name} is empty (0 bytes); delete it or replace it with a valid image.")
     try:
-        with Image.open(data if isinstance(data, Path) else io.BytesIO(data)) as img:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL only warns below twice the limit
+            img = Image.open(data if isinstance(data, Path) else io.BytesIO(data))
+        with img:
+            if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+                raise PdaeError(
+                    f"image {name} has the high-bit-depth mode '{img.mode}', which has no unambiguous 8-bit "
+                    "mapping; save it as an 8-bit RGB or greyscale image."
+                )
             img.load()
             img = ImageOps.exif_transpose(img)
             if img.mode in ("P", "PA"):
@@ -64,7 +73,12 @@ def decode_image(data: bytes | Path, image_size: int, channels: int, name: str) 
             box = ((w - m) // 2, (h - m) // 2, (w - m) // 2 + m, (h - m) // 2 + m)
             img = img.resize((image_size, image_size), Image.Resampling.BICUBIC, box=box)
             array = np.asarray(img, dtype=np.uint8).copy()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise PdaeError(
+            f"image {name} is too large ({str(err).split(',')[0]}); it may be a decompression bomb — downscale it "
+            "or remove it."
+        ) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         detail = "unrecognised image format" if isinstance(err, UnidentifiedImageError) else str(err).splitlines()[0]
         raise PdaeError(
             f"image {name} cannot be read ({detail}); it is truncated or not an image — replace or delete it."
