@@ -15,7 +15,7 @@ from diffusers.models.resnet import ResnetBlock2D
 from pdae.errors import PdaeError
 from pdae.nets import PDAE, Backbone, Encoder, build_unet, load_backbone, load_pdae, save_pdae
 from pdae.nets.encoder import ENCODER_PLANS, attention_level
-from pdae.nets.layers import SelfAttention
+from pdae.nets.layers import SelfAttention, upsample_conv3x3
 
 
 def tiny_beatgans() -> UNet2DModel:
@@ -83,7 +83,8 @@ def test_gradient_estimator_mirrors_up_path(make) -> None:
     levels = model.gradient.levels
     assert len(levels) == len(unet.up_blocks)
     for level, block in zip(levels, unet.up_blocks, strict=True):
-        assert [r.conv1.in_channels for r in level.resnets] == [r.in_channels for r in block.resnets]
+        ins = [r.conv1.in_channels + r.conv1_skip.in_channels for r in level.resnets]
+        assert ins == [r.in_channels for r in block.resnets]
         assert [r.conv1.out_channels for r in level.resnets] == [r.out_channels for r in block.resnets]
         assert bool(len(level.attentions)) == hasattr(block, "attentions")
         assert (level.upsampler is None) == (block.upsamplers is None)
@@ -154,6 +155,26 @@ def test_gradients_reach_encoder() -> None:
     g.pow(2).mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoder.parameters())
     assert all(p.grad is not None for p in model.gradient.parameters())
+
+
+def test_g_depends_on_z_and_t() -> None:
+    model = tiny_pdae()
+    break_zero_init(model, std=0.2)
+    x, t = batch(model.backbone.unet)
+    with torch.no_grad():
+        z = model.encode(x)
+        g = model.shift(x, t, z)
+        assert not torch.allclose(g, model.shift(x, t, z + 1.0), atol=1e-5)
+        assert not torch.allclose(g, model.shift(x, t.flip(0), z), atol=1e-5)
+        assert torch.allclose(model.shift(x, t, z[:1]), model.shift(x, t, z[:1].expand(3, -1)), atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [4, 8])
+def test_upsample_conv3x3_is_nearest_upsample_then_conv(size: int) -> None:
+    x = torch.randn(2, 5, size, size)
+    conv = torch.nn.Conv2d(5, 7, 3, padding=1)
+    ref = conv(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
+    assert torch.allclose(upsample_conv3x3(x, conv.weight, conv.bias), ref, atol=1e-5)
 
 
 def test_parameters_state_dict_and_copies_exclude_backbone() -> None:

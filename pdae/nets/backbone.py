@@ -83,8 +83,9 @@ class Backbone(nn.Module):
     """A frozen diffusers UNet2DModel (epsilon prediction), split into features / eps_from_features.
 
     The wrapped UNet is put in eval mode with requires_grad False and stays in eval mode (``train()`` is a no-op).
-    All computations run under ``torch.no_grad()``: they never build autograd graphs. Results are ordinary tensors
-    (not inference-mode tensors), so trainable layers may consume them and be back-propagated through.
+    No computation builds an autograd graph: ``features`` runs under ``torch.no_grad()`` and returns ordinary tensors
+    (trainable layers may consume them and be back-propagated through; inference-mode tensors could not be saved for
+    backward), ``eps_from_features`` runs in ``torch.inference_mode()`` and returns an ordinary tensor.
 
     Supported UNets: positional or learned time embedding, no class embedding, down blocks
     DownBlock2D / AttnDownBlock2D / ResnetDownsampleBlock2D, up blocks UpBlock2D / AttnUpBlock2D /
@@ -144,18 +145,22 @@ class Backbone(nn.Module):
             skips += res
         return Features(emb=emb, skips=skips, h=h)
 
-    @torch.no_grad()
     def eps_from_features(self, feats: Features) -> torch.Tensor:
-        """Frozen middle block + up path + output head: the pre-trained noise prediction eps_hat (N, C, H, W)."""
+        """Frozen middle block + up path + output head: the pre-trained noise prediction eps_hat (N, C, H, W).
+
+        Runs in inference mode (cheaper than no_grad); the result is returned as an ordinary tensor.
+        """
         unet = self.unet
-        emb = feats.emb
-        h = unet.mid_block(feats.h, emb) if unet.mid_block is not None else feats.h
-        skips = feats.skips
-        for block in unet.up_blocks:
-            n = len(block.resnets)
-            h = block(h, skips[-n:], emb)
-            skips = skips[:-n]
-        return unet.conv_out(unet.conv_act(unet.conv_norm_out(h)))
+        with torch.inference_mode():
+            emb = feats.emb
+            h = unet.mid_block(feats.h, emb) if unet.mid_block is not None else feats.h
+            skips = feats.skips
+            for block in unet.up_blocks:
+                n = len(block.resnets)
+                h = block(h, skips[-n:], emb)
+                skips = skips[:-n]
+            eps = unet.conv_out(unet.conv_act(unet.conv_norm_out(h)))
+        return eps.clone() if not torch.is_inference_mode_enabled() else eps
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
         """eps_hat = unet(x, t).sample, computed through features / eps_from_features (no grad)."""

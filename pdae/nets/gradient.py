@@ -8,19 +8,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from pdae.nets.backbone import Features, UpBlockPlan, UpPathPlan
-from pdae.nets.layers import SelfAttention, group_norm, zero_module
+from pdae.nets.layers import SelfAttention, group_norm, groups_for, upsample_conv3x3, zero_module
 
 
 # ResBlock conditioned on time and z by "scale and shift twice": (1 + s_z) * (GN(h) * (1 + s_t) + b_t) + b_z.
 class ZResBlock(nn.Module):
     """z-ResBlock.
 
-    h = conv1(SiLU(GN(x))) (nearest x2 before conv1 when `up`); (s_t, b_t) = Linear_t(SiLU(t_emb));
-    (s_z, b_z) = Linear_z(SiLU(z_emb)); h = (1 + s_z) * (GN(h) * (1 + s_t) + b_t) + b_z;
-    return skip(x) + conv2(Dropout(SiLU(h))) with conv2 zero-initialised, skip = identity or 1x1 conv.
+    h = conv1(SiLU(GN(x))) (nearest x2 before conv1 when `up`, computed as phase convolutions);
+    (s_t, b_t) = Linear_t(SiLU(t_emb)); (s_z, b_z) = Linear_z(SiLU(z_emb));
+    h = (1 + s_z) * (GN(h) * (1 + s_t) + b_t) + b_z;
+    return shortcut(x) + conv2(Dropout(SiLU(h))) with conv2 zero-initialised, shortcut = identity or 1x1 conv.
 
-    forward(x (N, in, H, W), t_act (N, E), z_act (N or 1, E)) -> (N, out, H', W'), H' = 2H when `up`.
-    t_act / z_act are SiLU(t_emb) / SiLU(z_emb), computed once per G forward.
+    Up-path blocks take x = cat(hidden, skip) with `skip` a frozen down-path feature map (skip_ch > 0). The two parts
+    are normalised separately (GroupNorm groups never straddle them) and the frozen part without a learnable affine:
+    it is then a constant, so conv1 and the shortcut are split into a hidden and a skip convolution and backward
+    computes no input gradient for the skip channels. Otherwise this is the block above applied to the concatenation.
+
+    forward(x (N, in, H, W), t_act (N, E), z_act (N or 1, E), skip (N, skip_ch, H, W) or None) -> (N, out, H', W'),
+    H' = 2H when `up`. t_act / z_act are SiLU(t_emb) / SiLU(z_emb), computed once per G forward.
     """
 
     def __init__(
@@ -32,29 +38,48 @@ class ZResBlock(nn.Module):
         up: bool = False,
         groups: int = 32,
         eps: float = 1e-5,
+        skip_ch: int = 0,
     ) -> None:
         super().__init__()
-        self.up = up
+        if up and skip_ch:
+            raise ValueError("an upsampling z-ResBlock takes no skip input")
+        self.up, self.eps = up, eps
         self.norm1 = group_norm(in_ch, groups, eps)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.skip_groups = groups_for(skip_ch, groups) if skip_ch else 0
+        self.conv1_skip = nn.Conv2d(skip_ch, out_ch, 3, padding=1, bias=False) if skip_ch else None
         self.t_proj = nn.Linear(emb_dim, 2 * out_ch)
         self.z_proj = nn.Linear(emb_dim, 2 * out_ch)
         self.norm2 = group_norm(out_ch, groups, eps)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.conv2 = zero_module(nn.Conv2d(out_ch, out_ch, 3, padding=1))
-        self.skip = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
+        identity = in_ch == out_ch and not skip_ch
+        self.shortcut = nn.Identity() if identity else nn.Conv2d(in_ch, out_ch, 1)
+        self.shortcut_skip = nn.Conv2d(skip_ch, out_ch, 1, bias=False) if skip_ch else None
 
-    def forward(self, x: torch.Tensor, t_act: torch.Tensor, z_act: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t_act: torch.Tensor, z_act: torch.Tensor, skip: torch.Tensor | None = None
+    ) -> torch.Tensor:
         h = F.silu(self.norm1(x))
         if self.up:
-            h = F.interpolate(h, scale_factor=2.0, mode="nearest")
-            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
-        h = self.conv1(h)
-        s_t, b_t = self.t_proj(t_act)[:, :, None, None].chunk(2, dim=1)
-        s_z, b_z = self.z_proj(z_act)[:, :, None, None].chunk(2, dim=1)
-        h = torch.addcmul(b_z, 1 + s_z, torch.addcmul(b_t, self.norm2(h), 1 + s_t))
-        h = self.conv2(self.dropout(F.silu(h)))
-        return self.skip(x) + h
+            h = upsample_conv3x3(h, self.conv1.weight, self.conv1.bias)
+            out = F.interpolate(self.shortcut(x), scale_factor=2.0, mode="nearest")  # 1x1 conv commutes with it
+        else:
+            h = self.conv1(h)
+            out = self.shortcut(x)
+        if self.conv1_skip is not None:
+            a_skip = F.silu(F.group_norm(skip, self.skip_groups, eps=self.eps))
+            h = h + self.conv1_skip(a_skip)
+            out = out + self.shortcut_skip(skip)
+        s_t, b_t = self.t_proj(t_act).chunk(2, dim=1)
+        s_z, b_z = self.z_proj(z_act).chunk(2, dim=1)
+        # GN2's affine and both modulations folded into one (N, C) scale and shift: one pass over the feature map.
+        g_t, g_z = 1 + s_t, 1 + s_z
+        scale = self.norm2.weight * g_t * g_z
+        shift = (self.norm2.bias * g_t + b_t) * g_z + b_z
+        h = F.group_norm(h, self.norm2.num_groups, eps=self.norm2.eps)
+        h = torch.addcmul(shift[:, :, None, None], h, scale[:, :, None, None])
+        return out + self.conv2(self.dropout(F.silu(h)))
 
 
 # Nearest x2 then 3x3 conv: mirrors diffusers' Upsample2D for UNets that upsample with a conv.
@@ -64,7 +89,7 @@ class UpsampleConv(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, t_act: torch.Tensor, z_act: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return upsample_conv3x3(x, self.conv.weight, self.conv.bias)
 
 
 class UpLevel(nn.Module):
@@ -76,7 +101,7 @@ class UpLevel(nn.Module):
         self.resnets = nn.ModuleList()
         hidden = plan.in_channels
         for skip in plan.skip_channels:
-            self.resnets.append(ZResBlock(hidden + skip, plan.out_channels, emb_dim, dropout, False, groups, eps))
+            self.resnets.append(ZResBlock(hidden, plan.out_channels, emb_dim, dropout, False, groups, eps, skip))
             hidden = plan.out_channels
         heads = plan.attention_heads
         self.attentions = nn.ModuleList(
@@ -129,7 +154,7 @@ class GradientEstimator(nn.Module):
         skips = feats.skips
         for level in self.levels:
             for i, resnet in enumerate(level.resnets):
-                h = resnet(torch.cat([h, skips[-1]], dim=1), t_act, z_act)
+                h = resnet(h, t_act, z_act, skips[-1])
                 skips = skips[:-1]
                 if len(level.attentions):
                     h = level.attentions[i](h)
