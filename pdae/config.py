@@ -237,7 +237,9 @@ def read_params_file(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise PdaeError(f"{path} is not valid YAML ({str(err).splitlines()[0]}); fix its syntax.") from None
+        mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
+        detail = f"line {mark.line + 1}: {problem}" if mark is not None and problem else str(err).splitlines()[0]
+        raise PdaeError(f"{path} is not valid YAML ({detail}); fix its syntax.") from None
     if not isinstance(raw, dict):
         raise PdaeError(f"{path} must be a mapping of sections.")
     return raw

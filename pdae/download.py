@@ -104,7 +104,7 @@ def _http(url: str, partial: Path, progress: bool, timeout: float) -> bool:
         raise PdaeError(f"download of {url} timed out after {timeout:g} s; {fix}.") from None
     except requests.exceptions.RequestException as err:
         reason = type(err).__name__
-        raise PdaeError(f"cannot connect to {url} ({reason}); check the URL and {fix}.") from None
+        raise PdaeError(f"cannot connect to {url} ({reason}); check the URL and your network (or proxy).") from None
     with resp:
         if offset and resp.status_code == 416:  # the partial file already holds everything
             return True

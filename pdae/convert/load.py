@@ -89,7 +89,10 @@ def safe_torch_load(path: str | Path, key: str, allow_lightning: bool = False) -
             raise _refuse(path, key, names) from err
         obj = _load_lightning(path, key, names)
     except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise PdaeError(f"{path} is not a readable torch checkpoint ({str(err).splitlines()[0]}).") from err
+        detail = (str(err).strip().split(". ")[0].splitlines() or [type(err).__name__])[0][:200]
+        raise PdaeError(
+            f"{path} is not a readable torch checkpoint ({detail}); it is truncated or damaged — download it again."
+        ) from err
     if not isinstance(obj, dict):
         raise PdaeError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict; expected an entry '{key}'.")
     return obj

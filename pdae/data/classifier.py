@@ -218,7 +218,8 @@ def load_label_classifier(directory: str | Path, device: torch.device | str = "c
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        first = str(err).strip().splitlines()[0]
+        lines = [line.strip() for line in str(err).strip().splitlines()] or [type(err).__name__]
+        first = lines[min(1, len(lines) - 1)][:200]  # torch: a generic first line, then one line per problem
         raise PdaeError(
             f"{directory / WEIGHTS_NAME} does not match {directory / CONFIG_NAME} ({first}); re-run the prepare stage."
         ) from None
