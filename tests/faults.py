@@ -7,7 +7,6 @@ import io
 import os
 import runpy
 import struct
-import sys
 import threading
 import zlib
 from collections.abc import Callable, Iterator
@@ -103,7 +102,7 @@ def changed_files(before: dict, after: dict) -> list[str]:
 
 # ---- running entry points ------------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def _process_state(cwd: Path, env: dict[str, str]) -> Iterator[None]:
+def in_project(cwd: Path, env: dict[str, str]) -> Iterator[None]:
     """Run in `cwd` with `env` set; restore cwd, env and the torch globals a stage script changes."""
     old_cwd, old_env = Path.cwd(), {k: os.environ.get(k) for k in env}
     grad, threads = torch.is_grad_enabled(), torch.get_num_threads()
@@ -128,7 +127,7 @@ def run_stage(project: Path, stage: str, env: dict[str, str] | None = None) -> i
     Any exception other than SystemExit propagates: for a user error that is the traceback the test forbids.
     """
     env = {"PDAE_TRACKING": "off", **(env or {})}
-    with _process_state(project, env):
+    with in_project(project, env):
         try:
             runpy.run_path(str(ROOT / "stages" / f"{stage}.py"), run_name="__main__")
         except SystemExit as exc:
@@ -191,7 +190,3 @@ def closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def python() -> str:
-    return sys.executable
