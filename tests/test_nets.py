@@ -297,3 +297,20 @@ def test_load_backbone(tmp_path) -> None:
     weights.write_bytes(b"garbage")
     with pytest.raises(PdaeError, match="baseline"):
         load_backbone(tmp_path / "baseline")
+
+
+def test_unsupported_backbones_raise() -> None:
+    with pytest.raises(PdaeError, match="UNet2DModel"):
+        Backbone(torch.nn.Conv2d(1, 1, 1))
+    conditional = UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 8),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        num_class_embeds=3,
+    )
+    with pytest.raises(PdaeError, match="class-conditional"):
+        Backbone(conditional)

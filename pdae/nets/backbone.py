@@ -168,10 +168,10 @@ class Backbone(nn.Module):
 
 
 def _check_supported(unet: UNet2DModel) -> None:
-    cfg = unet.config
-    what = f"UNet2DModel ({type(unet).__name__}, down blocks {list(cfg.down_block_types)})"
     if not isinstance(unet, UNet2DModel):
         raise PdaeError(f"the backbone must be a diffusers UNet2DModel, got {type(unet).__name__}.")
+    cfg = unet.config
+    what = f"UNet2DModel (down blocks {list(cfg.down_block_types)})"
     if unet.class_embedding is not None:
         raise PdaeError(f"{what} is class-conditional; PDAE needs an unconditional DPM.")
     if cfg.time_embedding_type not in ("positional", "learned"):
