@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import tarfile
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -165,15 +167,25 @@ def _fetch(cfg: BaselineConfig, downloads: Path) -> Path:
 
 
 def _unpack_diffusers(archive: Path, work: Path) -> Path:
-    """A downloaded diffusers folder: a .zip/.tar(.gz) archive holding config.json (+ weights)."""
+    """A downloaded diffusers folder: a .zip/.tar(.gz) archive holding config.json (+ weights).
+
+    Extraction uses tarfile's "data" filter (no absolute paths, no `..`, no links out, no devices) into a temp
+    folder that is renamed into place only when complete.
+    """
     if archive.is_dir():
         return archive
     target = work / (archive.name + ".d")
     if not target.exists():
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=work))
         try:
-            shutil.unpack_archive(str(archive), str(target))
-        except (shutil.ReadError, ValueError) as err:
-            raise PdaeError(f"{archive} is not a .zip/.tar.gz archive of a diffusers model folder ({err}).") from None
+            shutil.unpack_archive(str(archive), str(tmp), filter="data")
+            tmp.rename(target)
+        except (shutil.ReadError, ValueError, OSError, tarfile.TarError, zipfile.BadZipFile) as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise PdaeError(
+                f"{archive} is not a safe .zip/.tar.gz archive of a diffusers model folder ({str(err)[:160]}); "
+                "check baseline.url."
+            ) from None
     hits = sorted(target.rglob("config.json"))
     if not hits:
         raise PdaeError(f"{archive} holds no config.json; expected a diffusers UNet2DModel folder.")
