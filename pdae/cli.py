@@ -36,6 +36,8 @@ app = typer.Typer(
 
 # Help order: evaluation first, then the autoencoding commands, editing, utilities.
 COMMAND_MODULES = [
+    "pdae.commands.evaluate",
+    "pdae.commands.autoencode",
     "pdae.commands.edit",
     "pdae.commands.tools",
 ]
