@@ -16,6 +16,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -204,6 +205,12 @@ def train(
     if checkpoint is not None and checkpoint.is_file() and checkpoint_compatible(checkpoint, spec):
         step, pos, perm, history = _load_checkpoint(checkpoint, mods, ema, opt, gen)
         resumed = step
+    elif checkpoint is not None and checkpoint.is_file() and rank == 0:
+        warnings.warn(
+            f"{desc}: {checkpoint} was written with other settings or is unreadable; training starts at step 0 "
+            "and replaces it.",
+            stacklevel=2,
+        )
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 

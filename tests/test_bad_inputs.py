@@ -3,8 +3,8 @@
 Every case goes through a real entry point where that is cheap — a stage script executed as __main__ in a temporary
 project (PDAE_TRACKING=off), the `pdae` CLI through typer's CliRunner — or a library call otherwise, and must give:
 a non-zero exit, exactly one error line naming the offending thing and the fix, no traceback, and no output written
-(the project tree is unchanged apart from a resumable download's `.partial`). Two cases also run as real
-subprocesses. Summary table: docs/reliability.md.
+(the project tree is unchanged apart from a resumable download's `.partial`). One case also runs as a real
+subprocess. Summary table: docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -490,7 +490,7 @@ def test_matrix_covers_every_category() -> None:
 
 
 # ---- the same contract across a real process boundary --------------------------------------------------------------
-@pytest.mark.parametrize("case_id", ["truncated-png", "param-unknown-key"])
+@pytest.mark.parametrize("case_id", ["truncated-png"])
 def test_stage_script_in_a_subprocess(case_id: str, tmp_path: Path) -> None:
     """`python stages/prepare.py` itself: stderr is exactly one line, exit code 1, nothing written."""
     case = CASES[case_id]

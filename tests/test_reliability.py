@@ -246,8 +246,9 @@ def test_malicious_training_checkpoint_is_ignored_and_replaced(tmp_path: Path) -
     ckpt = write_evil_checkpoint(tmp_path / "state.safetensors", marker)
     torch.manual_seed(0)
     spec = TrainSpec(images=4 * 8, batch_size=8, lr=1e-2, checkpoint_every=1, seed=7)
-    res = train({"net": crash_worker.TinyNet()}, crash_worker.loss_fn, crash_worker.data(), spec, ckpt, CPU,
-                progress=False)  # fmt: skip
+    with pytest.warns(UserWarning, match="unreadable; training starts at step 0 and replaces it"):
+        res = train({"net": crash_worker.TinyNet()}, crash_worker.loss_fn, crash_worker.data(), spec, ckpt, CPU,
+                    progress=False)  # fmt: skip
     assert res.resumed_from == 0 and res.steps == 4 and not marker.exists()
     assert load_metadata(ckpt)["step"] == "4"  # overwritten by a safetensors checkpoint
 
