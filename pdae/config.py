@@ -161,14 +161,14 @@ class LatentConfig(Section):
 class EvaluateConfig(Section):
     steps: list[int] = Field(default_factory=lambda: [10, 20, 50, 100], min_length=1)  # decoding steps T
     inversion_steps: int | None = Field(None, ge=1, le=1000)  # None: T-step inversion per T; else one shared
-    n_images: int = Field(48, ge=2)  # test images in the reconstruction table
+    n_images: int = Field(32, ge=2)  # test images in the reconstruction table
     metrics: list[Literal["ssim", "mse", "lpips", "fid"]] = Field(
         default_factory=lambda: ["ssim", "mse", "lpips", "fid"], min_length=1
     )
-    fid_samples: int = Field(100, ge=2)  # images per generated FID/KID set
-    fid_real: int = Field(200, ge=2)  # real reference images (train split)
+    fid_samples: int = Field(50, ge=2)  # images per generated FID/KID set
+    fid_real: int = Field(100, ge=2)  # real reference images (train split)
     fid_steps: int = Field(50, ge=1, le=1000)  # DDIM steps of every generated FID/KID set
-    gap_images: int = Field(48, ge=1)
+    gap_images: int = Field(32, ge=1)
     batch_size: int = Field(256, ge=1)
     log_models: bool = True  # log models/ + the served encoder (pyfunc) to the MLflow run
 

@@ -361,7 +361,7 @@ def recon_plot_frame(metrics: dict[str, Any]) -> pd.DataFrame:
         for m in IMAGE_METRICS:
             if m in r:
                 line[f"{r['row']}_{m}"] = r[m]
-    return pd.DataFrame([wide[t] for t in sorted(wide)])
+    return pd.DataFrame([wide[t] for t in sorted(wide)], columns=None if wide else ["T"])
 
 
 def download_run_models(run_id: str, dst: str | Path) -> tuple[Path, Path]:

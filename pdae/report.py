@@ -147,7 +147,8 @@ def render_report(
         out += ["## Other reports", ""] + [f"- [{r}]({r})" for r in other_reports] + [""]
     out += ["## Figures", ""]
     for fig in figures or []:
-        out += [f"### {Path(fig).stem.replace('_', ' ')}", "", f"![{Path(fig).stem}]({fig})", ""]
+        title = fig.removeprefix("figures/").removesuffix(".png").replace("_", " ")
+        out += [f"### {title}", "", f"![{Path(fig).stem}]({fig})", ""]
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -168,7 +169,7 @@ def write_report(
                 stage_metrics[name] = json.loads(path.read_text())
             except (json.JSONDecodeError, UnicodeDecodeError):
                 stage_metrics[name] = {"error": f"{path} is not valid JSON"}
-    figures = sorted(p.relative_to(folder).as_posix() for p in (folder / "figures").glob("*.png"))
+    figures = sorted(p.relative_to(folder).as_posix() for p in (folder / "figures").rglob("*.png"))
     others = sorted(p.name for p in folder.glob("*.md") if p.name != report_path.name)
     write_text(report_path, render_report(metrics, stage_metrics, figures, others, info))
     return report_path
@@ -198,7 +199,7 @@ def plot_recon_steps(metrics: Mapping[str, Any]):
     return fig
 
 
-def save_figures(result: Any, folder: str | Path = "reports/figures", n: int = 16) -> list[Path]:
+def save_figures(result: Any, folder: str | Path = "reports/figures/evaluate", n: int = 16) -> list[Path]:
     """Write the evaluation figures (eval_*.png) of an EvalResult to `folder`; returns their paths.
 
     eval_reconstructions.png: rows original / DDIM baseline / PDAE inferred x_T / PDAE random x_T at the largest T;

@@ -21,7 +21,7 @@ PREPARED, BASELINE, PDAE_DIR, LATENT = (
     Path("models/pdae"),
     "models/latent",
 )
-FIGS, REPORT = Path("reports/figures"), Path("reports/report.md")
+FIGS, REPORT = Path("reports/figures/evaluate"), Path("reports/report.md")
 
 
 def body(cfg, run) -> dict:
@@ -35,8 +35,7 @@ def body(cfg, run) -> dict:
     lat = cfg.get("latent")
     sampling = LatentSampling(lat.latent_steps, lat.clip_noise, lat.clip_x0, lat.shift_fraction) if lat else None
     result = evaluate_run(model, schedule, PREPARED, ecfg, LATENT, sampling, base.seed, progress)
-    if result.recon_images:
-        write_csv("plots/eval_recon.csv", recon_plot_frame(result.metrics))
+    write_csv("plots/eval_recon.csv", recon_plot_frame(result.metrics))
     write_csv("plots/eval_gap.csv", result.gap)
     for fig in save_figures(result, FIGS):
         run.log_artifact(fig, "figures")

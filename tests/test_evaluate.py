@@ -93,7 +93,7 @@ def test_evaluate_run_fid_sets_figures_and_report(tiny_project, flush_denormals,
     assert all(res["n_generated"] == 3 and res["n_real"] == 4 for res in m["fid"].values())
     assert m["n_images"] == 4 and m["steps"] == [2, 3] and m["gap_images"] == 4 and "gap_reduction" in m
     write_json(tmp_path / "evaluate.json", m)  # JSON-serialisable as is
-    figures = save_figures(result, tmp_path / "reports/figures")
+    figures = save_figures(result, tmp_path / "reports/figures/evaluate")
     assert {p.name for p in figures} == {
         "eval_reconstructions.png",
         "eval_recon_steps.png",
@@ -104,7 +104,7 @@ def test_evaluate_run_fid_sets_figures_and_report(tiny_project, flush_denormals,
     (tmp_path / "metrics/train.json").write_text(json.dumps({"gap_reduction": 0.5, "final_loss": 0.01}))
     text = write_report(m, tmp_path / "reports/report.md", tmp_path / "metrics").read_text()
     assert "| T = 3 | PDAE (inferred x_T) | 72 |" in text and "## Stage `train`" in text
-    assert "![eval_gap](figures/eval_gap.png)" in text and "latent-DPM samples" in text
+    assert "![eval_gap](figures/evaluate/eval_gap.png)" in text and "latent-DPM samples" in text
     assert ("LPIPS not computed" in text) == (m["lpips_reason"] is not None)
 
 
