@@ -99,18 +99,8 @@ def train_latent(
         fingerprint={"model": dpm.config, "loss": cfg.loss, "data": list(z.shape)},
     )
     data = (dpm.normalise(z).float(),)
-    result = train(
-        {"mlp": mlp},
-        latent_loss(dpm.schedule, cfg.loss),
-        data,
-        spec,
-        checkpoint,
-        device,
-        run,
-        desc="latent",
-        progress=progress,
-        stop_after_steps=stop_after_steps,
-    )
+    loss = latent_loss(dpm.schedule, cfg.loss)
+    result = train({"mlp": mlp}, loss, data, spec, checkpoint, device, run, "latent", progress, stop_after_steps)
     dpm.mlp.load_state_dict(result.ema["mlp"].state_dict())
     return dpm.cpu().eval(), result
 
@@ -294,20 +284,8 @@ def train_classcond(
         lr=cfg.classcond_lr,
         checkpoint_every=cfg.checkpoint_every,
     )
-    return train_pdae(
-        backbone,
-        schedule,
-        images,
-        base,
-        tcfg,
-        device,
-        checkpoint,
-        run,
-        labels=labels,
-        num_classes=num_classes,
-        progress=progress,
-        desc="classcond",
-    )
+    kw = dict(labels=labels, num_classes=num_classes, progress=progress, desc="classcond")
+    return train_pdae(backbone, schedule, images, base, tcfg, device, checkpoint, run, **kw)
 
 
 @torch.no_grad()
