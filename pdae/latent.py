@@ -303,6 +303,7 @@ def classcond_sample(
 
 
 # ---- studies run by the `latent` stage --------------------------------------------------------------------------
+# Each study reports `<name>_cpu_seconds`: process CPU time (all threads), stable on a shared machine.
 
 # Clamp settings of the unconditional study: (clamp z_T, clamp latent x0).
 CLAMPS: dict[str, tuple[bool, bool]] = {
@@ -346,7 +347,12 @@ def uncond_study(
     """
     from pdae.scoring import class_scores, classifier_fd
 
-    start, n, ns, size = time.time(), cfg.n_samples, min(cfg.study_samples, cfg.n_samples), model.backbone.image_size
+    start, n, ns, size = (
+        time.process_time(),
+        cfg.n_samples,
+        min(cfg.study_samples, cfg.n_samples),
+        model.backbone.image_size,
+    )
     noise = torch.randn(n, dpm.mlp.z_dim, generator=gen)
     x_T = torch.randn(n, model.backbone.in_channels, size, size, generator=gen)
     chosen = clamp_name(cfg.clip_noise, cfg.clip_x0)
@@ -369,7 +375,7 @@ def uncond_study(
                 study[k]["fd"] = classifier_fd(scorer, images[k], test_x)
                 study[k]["class_entropy"] = class_scores(scorer, images[k])["class_entropy"]
     metrics["clamp_study"] = {"samples": ns, "latent_samples": n, **study}
-    metrics["uncond_seconds"] = round(time.time() - start, 1)
+    metrics["uncond_cpu_seconds"] = round(time.process_time() - start, 1)
     pairs = torch.stack([images["none"][:16], images["both"][:16]], 1).flatten(0, 1)
     return metrics, {"samples": (torch.cat([images["latent"][:48], images["bare"][:48]]), 16), "clamp": (pairs, 16)}
 
@@ -392,7 +398,7 @@ def fewshot_study(
     """
     from pdae.scoring import agreement
 
-    start, classes = time.time(), sorted(int(c) for c in torch.unique(labels))
+    start, classes = time.process_time(), sorted(int(c) for c in torch.unique(labels))
     pool = sample_latents(
         dpm, cfg.fewshot_draws, cfg.latent_steps, cfg.clip_noise, cfg.clip_x0, gen, cfg.eval_batch_size
     )
@@ -409,9 +415,9 @@ def fewshot_study(
         precision[k] = agreement(scorer, imgs, torch.tensor(classes).repeat_interleave(m))  # classes equally sized
         acceptance[k] = float(np.mean([p[1] for p in picked]))
         grids[f"fewshot_K{k}"] = (imgs, m)
-    seconds = round(time.time() - start, 1)
+    seconds = round(time.process_time() - start, 1)
     metrics = {"fewshot_precision": precision, "fewshot_acceptance": acceptance, "fewshot_draws": len(pool)}
-    return {**metrics, "fewshot_samples": m, "fewshot_seconds": seconds}, grids
+    return {**metrics, "fewshot_samples": m, "fewshot_cpu_seconds": seconds}, grids
 
 
 def classcond_study(
@@ -424,7 +430,7 @@ def classcond_study(
     """
     from pdae.scoring import agreement
 
-    start, size, m = time.time(), model.backbone.image_size, cfg.classcond_samples
+    start, size, m = time.process_time(), model.backbone.image_size, cfg.classcond_samples
     labels = torch.arange(num_classes).repeat_interleave(m)
     x_T = torch.randn(len(labels), model.backbone.in_channels, size, size, generator=gen)
     shown = torch.cat([torch.arange(c * m, c * m + min(m, 2)) for c in range(num_classes)])
@@ -436,6 +442,6 @@ def classcond_study(
     metrics = {
         "classcond_precision": precision,
         "classcond_samples": m,
-        "classcond_seconds": round(time.time() - start, 1),
+        "classcond_cpu_seconds": round(time.process_time() - start, 1),
     }
     return metrics, {"classcond": (torch.cat(rows), len(shown))}
