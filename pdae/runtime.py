@@ -19,8 +19,11 @@ def seed_everything(seed: int) -> None:
 
 def resolve_device(device: str) -> torch.device:
     """'auto' -> CUDA when present, else CPU; 'cuda' without a GPU is a user error."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))  # torchrun: one GPU per process
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and torch.cuda.is_available():
+        return torch.device(f"cuda:{local_rank}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise PdaeError(f"device '{device}' requested but no CUDA GPU is visible; set base.device: auto or cpu.")
     try:

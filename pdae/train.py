@@ -96,6 +96,16 @@ def _dist() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+# Only rank 0 continues past training (evaluation, outputs, tracking); the other ranks leave cleanly here.
+def _finish_distributed(rank: int) -> None:
+    import torch.distributed as dist
+
+    dist.barrier()
+    if rank != 0:
+        dist.destroy_process_group()
+        raise SystemExit(0)
+
+
 def _optimizer(params: list[nn.Parameter], spec: TrainSpec) -> torch.optim.Optimizer:
     if spec.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay)
@@ -264,6 +274,8 @@ def train(
             break
     if bar is not None:
         bar.close()
+    if world > 1:
+        _finish_distributed(rank)
     return TrainResult(
         ema=ema,
         history=history,
