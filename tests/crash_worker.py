@@ -75,16 +75,24 @@ def train_run(out_dir: str, report: Callable[[int], None] = lambda step: None, s
     save_tensors(out / FINAL, tensors)
 
 
-def shared_counter_reporter(counter) -> Callable[[int], None]:  # noqa: ANN001 - a multiprocessing RawValue
+def shared_counter_reporter(counter, hold_at: int | None = None) -> Callable[[int], None]:  # noqa: ANN001
+    """Report steps through a multiprocessing RawValue('i'); from step `hold_at` on, wait there (to be killed).
+
+    The hold keeps a slow parent from missing its kill window: the kill still lands anywhere between the report of
+    step hold_at - 1 and that of hold_at (checkpoint write of hold_at - 1, compute of hold_at), never after.
+    """
+
     def report(step: int) -> None:
         counter.value = step
+        while hold_at is not None and step >= hold_at:
+            time.sleep(0.001)
 
     return report
 
 
-def train_child(out_dir: str, counter) -> None:  # noqa: ANN001
+def train_child(out_dir: str, hold_at: int | None, counter) -> None:  # noqa: ANN001
     """Process target: train_run reporting the last finished step through a shared RawValue('i')."""
-    train_run(out_dir, shared_counter_reporter(counter))
+    train_run(out_dir, shared_counter_reporter(counter, hold_at))
 
 
 def hold_atomic_write(target: str, counter) -> None:  # noqa: ANN001
