@@ -111,9 +111,10 @@ def render_report(
     out += ["", "## Autoencoding reconstruction (PDAE.md §6)", ""]
     if "reconstruction" in metrics:
         inv = metrics.get("inversion_steps")
+        inv = f"one shared {inv}-step inversion" if isinstance(inv, int) else "T-step inversion (as decoding)"
         out += [
-            f"{metrics.get('n_images')} test images; x_T inferred by DDIM inversion with {inv} steps; random x_T is "
-            "the same Gaussian noise for every T. SSIM (Gaussian 11, σ 1.5) and MSE on [0, 1], LPIPS AlexNet v0.1.",
+            f"{metrics.get('n_images')} test images; x_T inferred by DDIM {inv}; random x_T is the same Gaussian "
+            "noise for every T. SSIM (Gaussian 11, σ 1.5) and MSE on [0, 1], LPIPS AlexNet v0.1.",
             "",
             reconstruction_markdown(metrics),
             "",

@@ -130,7 +130,7 @@ def evaluate_cmd(
     if report is not None:
         from pdae.report import save_figures, write_report
 
-        save_figures(result, report.parent / "figures")
+        save_figures(result, report.parent / "figures" / "evaluate")
         write_report(result.metrics, report, metrics_dir=Path("metrics"), info={"run id": run_id, "device": str(dev)})
         typer.echo(f"wrote {report}")
 
