@@ -112,11 +112,12 @@ class EncodeConfig(Section):
 # Attribute probes (z vs pixels vs the bare DPM's x_T), edit directions, manipulation and interpolation.
 class ClassifyConfig(Section):
     probe_c: float = Field(1.0, gt=0)  # inverse L2 strength of the logistic-regression probes
+    direction_c: float = Field(0.01, gt=0)  # inverse L2 strength of the probes whose normals are edit directions
     max_iter: int = Field(2000, ge=10)
     xT_steps: int = Field(20, ge=1, le=1000)  # bare-DPM DDIM inversion steps for the x_T probe
     batch_size: int = Field(256, ge=1)
     steps: int = Field(50, ge=1, le=1000)  # DDIM steps (inversion and decoding) for manipulation/interpolation
-    scales: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0], min_length=1)
+    scales: list[float] = Field(default_factory=lambda: [0.0, 0.5, 1.0, 1.5, 2.0], min_length=1)
     manipulation_images: int = Field(50, ge=1)  # test images for manipulation_success (those with label != k)
     figure_images: int = Field(8, ge=1)
     interpolate_pairs: int = Field(4, ge=1)

@@ -30,9 +30,13 @@ def body(cfg, run) -> dict:
     feats = {k: (split["train"][2][k], split["test"][2][k]) for k in ("z", "pixels", "xT")}
     feats = {k: v if k == "z" else probes.standardise(*v) for k, v in feats.items()}
     train_rows, test_rows = split["train"][1], split["test"][1]
-    table, metrics, fitted = probes.probe_suite(feats, train_rows, test_rows, names, c.probe_c, c.max_iter)
-    directions = probes.AttributeDirections.from_probes(fitted["z"], norm)
-    directions.save(OUT, extra={"auroc_z": metrics["auroc"], "probe_c": c.probe_c, "z_dim": norm.dim})
+    table, metrics, _ = probes.probe_suite(feats, train_rows, test_rows, names, c.probe_c, c.max_iter)
+    # Edit directions: normals of more strongly regularised probes on z (closer to the class-mean difference).
+    (ztr, zte), cd = feats["z"], c.direction_c
+    edit_probes = probes.attribute_probes(ztr, train_rows, zte, test_rows, names, cd, c.max_iter)
+    directions = probes.AttributeDirections.from_probes(edit_probes, norm)
+    metrics["direction_auroc_mean_z"] = dir_auroc = probes.mean_auroc({n: a for n, (_, a) in edit_probes.items()})
+    directions.save(OUT, extra={"direction_c": c.direction_c, "direction_auroc_mean_z": dir_auroc})
     metrics.update(xT_probe_steps=c.xT_steps, n_train=len(train_rows), n_test=len(test_rows))
     # Manipulation and interpolation on a class-balanced test subset.
     test_x = split["test"][0]
@@ -43,7 +47,8 @@ def body(cfg, run) -> dict:
     scale = max(c.scales)
     metrics.update(manipulation_scale=scale, manipulation_steps=c.steps, manipulation_images=len(sub))
     if scorer is not None and class_attrs and lab is not None:
-        res = edit.manipulation_success(model, schedule, scorer, x, lab, directions, class_attrs, scale, c.steps)
+        args = (model, schedule, scorer, x, lab, directions, class_attrs, scale, c.steps, c.batch_size)
+        res = edit.manipulation_success(*args, progress=True)
         metrics.update(manipulation_success=res["manipulation_success"], manipulation_per_class=res["per_class"])
         metrics["manipulation_reconstruction_agreement"] = res["reconstruction_agreement"]
     n_fig = min(c.figure_images, len(x))

@@ -156,6 +156,7 @@ def test_classify_stage_on_tiny_project(tiny_project, monkeypatch):
     assert set(metrics["auroc"]) == {f"digit_{k}" for k in range(10)}
     assert 0 <= metrics["manipulation_success"] <= 1 and metrics["manipulation_scale"] == 1.0
     assert metrics["xT_probe_steps"] == 2 and metrics["manipulation_images"] == 20
+    assert 0 <= metrics["direction_auroc_mean_z"] <= 1
     dirs = AttributeDirections.load(tiny_project / "models/classifier")
     assert dirs.names == [f"digit_{k}" for k in range(10)] and dirs.directions.shape == (10, 8)
     assert torch.allclose(dirs.directions.norm(dim=1), torch.ones(10), atol=1e-5)
@@ -184,7 +185,7 @@ def test_cli_manipulate_index_and_file(tiny_project, monkeypatch, tmp_path):
                               "--zoom", "1", "--out", str(tmp_path / "o.png")])  # fmt: skip
     assert res.exit_code == 0, res.output
     with Image.open(tmp_path / "o.png") as img:
-        assert img.size == (4 * 9 + 1, 9 + 1)  # default scales 0, 0.5, 1 at 8 px
+        assert img.size == (4 * 9 + 1, 9 + 1)  # default scales 0, 1, 2 at 8 px
 
 
 def test_cli_manipulate_errors(tiny_project, monkeypatch):

@@ -56,7 +56,7 @@ def manipulate_cmd(
     index: list[int] | None = INDEX,
     attr: str = typer.Option(..., "--attr", "-a", help="Attribute to move along (see models/classifier)."),
     scale: list[float] = typer.Option(
-        [0.0, 0.5, 1.0], "--scale", "-s", help="Edit strength s in z_n + s·√d·w/‖w‖ (repeatable)."
+        [0.0, 1.0, 2.0], "--scale", "-s", help="Edit strength s in z_n + s·√d·w/‖w‖ (repeatable)."
     ),
     out: Path = typer.Option(Path("manipulation.png"), "--out", "-o", help="PNG to write."),
     steps: int = STEPS,
