@@ -28,9 +28,30 @@ TINY = {
     },
     "train": {"z_dim": 8, "images": 256, "batch_size": 32, "eval_images": 16, "eval_steps": 5},
     "encode": {"xT_images": 8, "xT_steps": 5},
-    "classify": {"xT_steps": 5, "manipulation_images": 2, "manipulation_steps": 5},
-    "latent": {"images": 256, "n_samples": 32, "steps": 5},
-    "evaluate": {"steps": [5], "n_images": 8, "fid_samples": 16},
+    "classify": {
+        "xT_steps": 5,
+        "steps": 5,
+        "manipulation_images": 10,
+        "figure_images": 2,
+        "interpolate_pairs": 1,
+        "interpolate_frames": 3,
+    },
+    "latent": {
+        "depth": 2,
+        "width": 32,
+        "images": 512,
+        "latent_steps": 5,
+        "steps": 5,
+        "n_samples": 32,
+        "study_samples": 16,
+        "fewshot_k": [1],
+        "fewshot_samples": 2,
+        "fewshot_draws": 64,
+        "classcond_images": 64,
+        "classcond_scales": [0.0, 1.0],
+        "classcond_samples": 1,
+    },
+    "evaluate": {"steps": [5], "n_images": 8, "metrics": ["ssim", "mse"], "gap_images": 8, "log_models": False},
 }
 
 
@@ -97,7 +118,9 @@ def test_dvc_repro_end_to_end(project: Path):
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["pdae"])
     stages = set(runs["tags.stage"])
-    assert {"prepare", "baseline", "train", "encode"} <= stages
+    assert {"prepare", "baseline", "train", "encode", "classify", "latent", "evaluate"} <= stages
+    for stage in ("classify", "latent", "evaluate"):
+        assert json.loads((project / f"metrics/{stage}.json").read_text()), stage
     row = runs[runs["tags.stage"] == "baseline"].iloc[0]
     assert row["params.baseline.images"] == "256" and row["metrics.sample_fd"] >= 0
 
