@@ -95,7 +95,10 @@ def test_sigkill_at_five_random_points_then_resume_is_bitwise_equal(ctx, tmp_pat
         assert not (run / crash_worker.FINAL).exists()
         visible = [p for p in run.rglob("*") if p.is_file() and not p.name.startswith(".")]
         temps = [p for p in run.rglob(".*") if p.is_file()]
-        assert visible == [ckpt] and len(temps) <= 1 and all(p.name.endswith(".tmp") for p in temps)
+        # a kill inside a checkpoint write can leave our temp file (".state.safetensors.*.tmp") and the safetensors
+        # writer's own (".tmpXXXXXX"); neither is ever read as a checkpoint
+        assert visible == [ckpt] and len(temps) <= 2
+        assert all(p.name.endswith(".tmp") or p.name.startswith(".tmp") for p in temps)
         print(f"killed after step {last}: checkpoint holds step {step}, {len(temps)} temporary file(s) left")
     (ckpt.parent / ".state.safetensors.killed00.tmp").write_bytes(b"half a checkpoint")  # a kill mid-write
     proc, _ = _start(ctx, crash_worker.train_child, str(run), None)
