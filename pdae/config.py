@@ -140,22 +140,22 @@ class LatentConfig(Section):
     checkpoint_every: int = Field(500, ge=1)
     clip_noise: bool = False  # clamp z_T ~ N(0, I) to [-1, 1] (official code: true)
     clip_x0: bool = False  # clamp the latent DDIM x0 prediction to [-1, 1] in normalised space (official: true)
-    latent_steps: int = Field(100, ge=1)  # latent DDIM steps
+    latent_steps: int = Field(50, ge=1)  # latent DDIM steps
     steps: int = Field(50, ge=1, le=1000)  # image DDIM steps when decoding (and for the bare DPM)
-    shift_fraction: float = Field(0.7, ge=0, le=1)  # G applied during this first fraction of decoding steps
+    shift_fraction: float = Field(1.0, ge=0, le=1)  # G on for this first fraction of decoding steps (paper: 0.7)
     n_samples: int = Field(1000, ge=2)  # unconditional samples (latent DPM and bare DPM) for the FD
-    study_samples: int = Field(500, ge=0)  # paired samples per clamp setting in the clamp study
+    study_samples: int = Field(200, ge=0)  # paired samples per clamp setting in the clamp study
     eval_batch_size: int = Field(500, ge=1)  # images per sampling batch
     fewshot_k: list[int] = Field(default_factory=lambda: [1, 5, 10], min_length=1)
     fewshot_samples: int = Field(16, ge=1)  # decoded images per class and K
     fewshot_draws: int = Field(4000, ge=1)  # cap on latent-DPM draws (the rejection-sampling pool)
-    fewshot_threshold: float = Field(0.5, gt=0, lt=1)  # accept a draw when p(target | z) >= this
-    fewshot_c: float = Field(1.0, gt=0)  # inverse L2 strength of the few-shot logistic regression
+    fewshot_threshold: float | None = Field(None, gt=0, lt=1)  # accept p(target | z) >= this; None: best of the draws
+    fewshot_c: float = Field(0.01, gt=0)  # inverse L2 strength of the few-shot logistic regression
     classcond_images: int = Field(10_000, ge=0)  # class-conditional G training length (0 = skip)
     classcond_batch_size: int = Field(64, ge=1)
     classcond_lr: float = Field(5e-4, gt=0)
     classcond_scales: list[float] = Field(default_factory=lambda: [0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0], min_length=1)
-    classcond_samples: int = Field(8, ge=1)  # images per class and scale (same x_T for every scale)
+    classcond_samples: int = Field(6, ge=1)  # images per class and scale (same x_T for every scale)
 
 
 # Evaluation: reconstruction table, FID/KID sets, gap curve, report and the served encoder (sized for 2 CPU cores).

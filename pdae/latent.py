@@ -196,7 +196,7 @@ def labels_for(attrs, ids: Tensor) -> Tensor | None:
 # ---- few-shot conditional generation (D2C protocol) -------------------------------------------------------------
 
 
-def fit_fewshot(pos: Tensor, unlabelled: Tensor, c: float = 1.0, seed: int = 0):
+def fit_fewshot(pos: Tensor, unlabelled: Tensor, c: float = 0.01, seed: int = 0):
     """Logistic regression positives (K, z_dim) vs unlabelled (M, z_dim) on normalised codes, classes balanced."""
     from sklearn.linear_model import LogisticRegression
 
@@ -205,12 +205,15 @@ def fit_fewshot(pos: Tensor, unlabelled: Tensor, c: float = 1.0, seed: int = 0):
     return LogisticRegression(C=c, class_weight="balanced", max_iter=2000, random_state=seed).fit(x, y)
 
 
-def rejection_select(scores: Tensor, n: int, threshold: float = 0.5) -> tuple[Tensor, float]:
-    """Rejection sampling over a pool of draws in draw order: keep the first n with score >= threshold.
+def rejection_select(scores: Tensor, n: int, threshold: float | None = None) -> tuple[Tensor, float]:
+    """Rejection sampling over a pool of draws (the cap on draws): indices (n,) of the kept draws, acceptance rate.
 
-    scores (M,) = p(target | z) of the M draws (M = the cap on draws). When fewer than n are accepted the rest is
-    filled with the best-scoring rejected draws. Returns (indices (n,), acceptance rate over the pool).
+    scores (M,) = p(target | z) of the M draws. threshold None: keep the n best-scoring draws (acceptance n / M, the
+    threshold is the n-th best score). A float: keep the first n draws with score >= threshold in draw order; when
+    fewer pass, fill up with the best-scoring rejected draws.
     """
+    if threshold is None:
+        return scores.argsort(descending=True, stable=True)[:n], min(n, len(scores)) / max(len(scores), 1)
     accepted = torch.nonzero(scores >= threshold).flatten()
     keep = accepted[:n]
     if len(keep) < n:
@@ -239,8 +242,8 @@ def fewshot_codes(
     target: int,
     k: int,
     n: int,
-    threshold: float = 0.5,
-    c: float = 1.0,
+    threshold: float | None = None,
+    c: float = 0.01,
     seed: int = 0,
 ) -> tuple[Tensor, float]:
     """Raw codes (n, z_dim) for class `target` from K labelled train codes: fit, score the pool (raw latent-DPM draws
@@ -343,16 +346,12 @@ def uncond_study(
     all four clamp settings on cfg.n_samples draws; image metrics (label-classifier FD vs `test_x`, class entropy)
     for the configured setting and the bare DPM on cfg.n_samples, and for "none" vs "both" on cfg.study_samples.
     Returns (metrics, figures "samples" (48 latent-DPM samples over 48 bare-DPM samples from the same x_T) and
-    "clamp" (columns of paired unclamped / clamped samples)).
+    "clamp" (a row of unclamped over a row of clamped samples, paired by column; only when study_samples > 0)).
     """
     from pdae.scoring import class_scores, classifier_fd
 
-    start, n, ns, size = (
-        time.process_time(),
-        cfg.n_samples,
-        min(cfg.study_samples, cfg.n_samples),
-        model.backbone.image_size,
-    )
+    start, size = time.process_time(), model.backbone.image_size
+    n, ns = cfg.n_samples, min(cfg.study_samples, cfg.n_samples)
     noise = torch.randn(n, dpm.mlp.z_dim, generator=gen)
     x_T = torch.randn(n, model.backbone.in_channels, size, size, generator=gen)
     chosen = clamp_name(cfg.clip_noise, cfg.clip_x0)
@@ -360,7 +359,7 @@ def uncond_study(
     study: dict[str, Any] = {k: {"latent_fd": latent_fd(z, test_z, dpm)} for k, z in codes.items()}
     images = {"latent": decode_codes(model, codes[chosen], x_T, schedule, cfg)}
     images["bare"] = bare_samples(model.backbone, x_T, schedule, cfg.steps, cfg.eval_batch_size)
-    for k in ("none", "both"):
+    for k in ("none", "both") if ns > 0 else ():
         imgs = images["latent"][:ns] if k == chosen else decode_codes(model, codes[k][:ns], x_T[:ns], schedule, cfg)
         images[k] = imgs
     metrics: dict[str, Any] = {"uncond_latent_fd": study[chosen]["latent_fd"], "clamp": chosen}
@@ -376,8 +375,10 @@ def uncond_study(
                 study[k]["class_entropy"] = class_scores(scorer, images[k])["class_entropy"]
     metrics["clamp_study"] = {"samples": ns, "latent_samples": n, **study}
     metrics["uncond_cpu_seconds"] = round(time.process_time() - start, 1)
-    pairs = torch.stack([images["none"][:16], images["both"][:16]], 1).flatten(0, 1)
-    return metrics, {"samples": (torch.cat([images["latent"][:48], images["bare"][:48]]), 16), "clamp": (pairs, 16)}
+    figures = {"samples": (torch.cat([images["latent"][:48], images["bare"][:48]]), 16)}
+    if ns > 0:  # top row unclamped, bottom row clamped, same z_T and x_T per column
+        figures["clamp"] = (torch.cat([images["none"][:16], images["both"][:16]]), min(ns, 16))
+    return metrics, figures
 
 
 def fewshot_study(

@@ -116,6 +116,8 @@ def test_rejection_select_order_and_fill():
     assert idx.tolist() == [1, 3] and rate == 0.5  # first accepted draws, in draw order
     idx, _ = rejection_select(scores, 5, threshold=0.5)
     assert idx.tolist() == [1, 3, 4, 5, 2]  # then the best rejected ones
+    idx, rate = rejection_select(scores, 2)  # no threshold: the best-scoring draws
+    assert idx.tolist() == [4, 1] and rate == 2 / 6
 
 
 def test_fewshot_codes_pick_the_target_cluster():
@@ -127,10 +129,11 @@ def test_fewshot_codes_pick_the_target_cluster():
     pool = centres[pool_labels] + torch.randn(600, 6, generator=gen)
     dpm = _dpm(6)
     dpm.mean, dpm.std = train_z.mean(0), train_z.std(0)
-    for k in (1, 5):
-        codes, rate = fewshot_codes(dpm, train_z, labels, pool, target=2, k=k, n=30)
+    for k, threshold in ((1, 0.5), (5, 0.5), (1, None), (5, None)):
+        codes, rate = fewshot_codes(dpm, train_z, labels, pool, target=2, k=k, n=30, threshold=threshold)
         nearest = torch.cdist(codes, centres).argmin(1)
         assert (nearest == 2).double().mean() >= 0.9 and 0 < rate < 1
+        assert threshold is not None or rate == 30 / 600
     with pytest.raises(PdaeError, match="fewer than K"):
         fewshot_codes(dpm, train_z, labels, pool, target=2, k=101, n=3)
 
@@ -205,13 +208,14 @@ class _RecordingRun:
         pass
 
 
-def _run_stage(tiny_project: Path, monkeypatch) -> tuple[dict, _RecordingRun]:
+def _run_stage(tiny_project: Path, monkeypatch, extra: str = "") -> tuple[dict, _RecordingRun]:
     monkeypatch.chdir(tiny_project)
     (tiny_project / "params.yaml").write_text(
         "base:\n  image_size: 8\n  threads: 1\n  device: cpu\n"
         "latent:\n  depth: 2\n  width: 16\n  images: 256\n  batch_size: 64\n  latent_steps: 3\n  steps: 2\n"
         "  n_samples: 24\n  study_samples: 12\n  fewshot_k: [1, 2]\n  fewshot_samples: 2\n  fewshot_draws: 40\n"
         "  classcond_images: 32\n  classcond_batch_size: 16\n  classcond_scales: [0.0, 1.0]\n  classcond_samples: 1\n"
+        + extra
     )
     run = _RecordingRun()
     monkeypatch.setattr("pdae.stage.stage_run", lambda name, params=None: contextlib.nullcontext(run))
@@ -243,6 +247,7 @@ def test_latent_stage_without_labels_skips_label_metrics(tiny_project, monkeypat
     attrs = tiny_project / "data/prepared/attributes.csv"
     pd.read_csv(attrs).drop(columns=["label"]).to_csv(attrs, index=False)
     shutil.rmtree(tiny_project / "data/prepared/label_classifier")
-    m, run = _run_stage(tiny_project, monkeypatch)
+    m, run = _run_stage(tiny_project, monkeypatch, extra="  study_samples: 0\n")
     assert m["label_metrics"].startswith("skipped") and "fewshot_precision" not in m and "uncond_fd" not in m
-    assert m["uncond_latent_fd"] >= 0 and {"samples.png", "clamp.png"} <= set(run.artifacts)
+    assert m["uncond_latent_fd"] >= 0 and m["clamp_study"]["samples"] == 0
+    assert "samples.png" in run.artifacts and "clamp.png" not in run.artifacts
