@@ -127,6 +127,10 @@ def test_ratios_on_synthetic_curves():
     assert math.isclose(r["diffae_over_pdae"]["ratio"], need["images"] / 100)
     assert math.isclose(r["diffae_over_pdae_plus_pretraining"]["ratio"], need["images"] / 400)
     assert r["diffae_final_over_pdae_needed"] == {"ratio": 4.0, "bound": "less_than"}  # PDAE never reaches 0.6
+    (eq,) = r["equal_quality"]
+    assert eq["pdae_images"] == 100 and math.isclose(eq["ratio"], need["images"] / 100)
+    again = p1.reanalyse({"rows": rows, "inputs": {"baseline_images": 300}, "ratios": {}})
+    assert again["ratios"]["random_ssim"] == p1.ratios(rows, 300)["random_ssim"] and again["met"] is True
 
 
 def test_p1_run_on_the_tiny_project(tiny_project_template: Path, tmp_path: Path):
