@@ -72,17 +72,9 @@ def latent_loss(schedule: Schedule, kind: str = "l1"):
 
 
 def train_latent(
-    z: Tensor,
-    mean: Tensor,
-    std: Tensor,
-    cfg: LatentConfig,
-    seed: int,
-    device: torch.device,
-    checkpoint: Path | None = None,
-    run: Any | None = None,
-    progress: bool = True,
-    stop_after_steps: int | None = None,
-) -> tuple[LatentDPM, TrainResult]:
+    z: Tensor, mean: Tensor, std: Tensor, cfg: LatentConfig, seed: int, device: torch.device,
+    checkpoint: Path | None = None, run: Any | None = None, progress: bool = True, stop_after_steps: int | None = None,
+) -> tuple[LatentDPM, TrainResult]:  # fmt: skip
     """Train the latent DPM on raw train codes z (N, z_dim); returns (LatentDPM with EMA weights, CPU; result)."""
     torch.manual_seed(seed)
     mlp = LatentMLP(z.shape[1], cfg.depth, cfg.width, dropout=cfg.dropout)
@@ -235,17 +227,9 @@ def fewshot_positives(labels: Tensor, target: int, k: int, generator: torch.Gene
 
 
 def fewshot_codes(
-    dpm: LatentDPM,
-    train_z: Tensor,
-    labels: Tensor,
-    pool: Tensor,
-    target: int,
-    k: int,
-    n: int,
-    threshold: float | None = None,
-    c: float = 0.01,
-    seed: int = 0,
-) -> tuple[Tensor, float]:
+    dpm: LatentDPM, train_z: Tensor, labels: Tensor, pool: Tensor, target: int, k: int, n: int,
+    threshold: float | None = None, c: float = 0.01, seed: int = 0,
+) -> tuple[Tensor, float]:  # fmt: skip
     """Raw codes (n, z_dim) for class `target` from K labelled train codes: fit, score the pool (raw latent-DPM draws
     (M, z_dim)), reject. Returns (codes, acceptance rate)."""
     gen = torch.Generator().manual_seed(seed * 1000 + target * 37 + k)
@@ -261,19 +245,10 @@ def fewshot_codes(
 
 
 def train_classcond(
-    backbone,
-    schedule: Schedule,
-    images: Tensor,
-    labels: Tensor,
-    num_classes: int,
-    z_dim: int,
-    base: BaseConfig,
-    cfg: LatentConfig,
-    device: torch.device,
-    checkpoint: Path | None = None,
-    run: Any | None = None,
+    backbone, schedule: Schedule, images: Tensor, labels: Tensor, num_classes: int, z_dim: int, base: BaseConfig,
+    cfg: LatentConfig, device: torch.device, checkpoint: Path | None = None, run: Any | None = None,
     progress: bool = True,
-):
+):  # fmt: skip
     """Train G on a learned class embedding (E replaced by LabelEncoder) for cfg.classcond_images images.
 
     images (N, C, H, W) in [-1, 1], labels (N,) in [0, num_classes). Returns (PDAE with EMA weights, TrainResult).
@@ -309,12 +284,8 @@ def classcond_sample(
 # Each study reports `<name>_cpu_seconds`: process CPU time (all threads), stable on a shared machine.
 
 # Clamp settings of the unconditional study: (clamp z_T, clamp latent x0).
-CLAMPS: dict[str, tuple[bool, bool]] = {
-    "none": (False, False),
-    "noise": (True, False),
-    "x0": (False, True),
-    "both": (True, True),
-}
+CLAMPS: dict[str, tuple[bool, bool]] = {"none": (False, False), "noise": (True, False), "x0": (False, True),
+                                        "both": (True, True)}  # fmt: skip
 
 
 def clamp_name(clip_noise: bool, clip_x0: bool) -> str:
@@ -331,15 +302,9 @@ def decode_codes(model, z: Tensor, x_T: Tensor, schedule: Schedule, cfg: LatentC
 
 
 def uncond_study(
-    dpm: LatentDPM,
-    model,
-    schedule: Schedule,
-    test_z: Tensor,
-    cfg: LatentConfig,
-    gen: torch.Generator,
-    scorer=None,
+    dpm: LatentDPM, model, schedule: Schedule, test_z: Tensor, cfg: LatentConfig, gen: torch.Generator, scorer=None,
     test_x: Tensor | None = None,
-) -> tuple[dict[str, Any], dict[str, Figure]]:
+) -> tuple[dict[str, Any], dict[str, Figure]]:  # fmt: skip
     """Unconditional generation: latent DPM + PDAE decoding vs the bare DPM, and the clamp study.
 
     Every setting uses the same z_T noise and x_T (paired). Latent FD (normalised z vs the test codes) is measured for
@@ -382,16 +347,9 @@ def uncond_study(
 
 
 def fewshot_study(
-    dpm: LatentDPM,
-    model,
-    schedule: Schedule,
-    train_z: Tensor,
-    labels: Tensor,
-    cfg: LatentConfig,
-    gen: torch.Generator,
-    scorer,
-    seed: int = 0,
-) -> tuple[dict[str, Any], dict[str, Figure]]:
+    dpm: LatentDPM, model, schedule: Schedule, train_z: Tensor, labels: Tensor, cfg: LatentConfig,
+    gen: torch.Generator, scorer, seed: int = 0,
+) -> tuple[dict[str, Any], dict[str, Figure]]:  # fmt: skip
     """Few-shot generation per K in cfg.fewshot_k for every class of `labels` (N,) (aligned with train_z (N, z_dim)).
 
     One pool of cfg.fewshot_draws latent-DPM draws is the cap on draws. Returns ({"fewshot_precision": {K: mean over
