@@ -118,7 +118,7 @@ class ClassifyConfig(Section):
     batch_size: int = Field(256, ge=1)
     steps: int = Field(50, ge=1, le=1000)  # DDIM steps (inversion and decoding) for manipulation/interpolation
     scales: list[float] = Field(default_factory=lambda: [0.0, 0.5, 1.0, 1.5, 2.0], min_length=1)
-    manipulation_images: int = Field(50, ge=1)  # test images for manipulation_success (those with label != k)
+    manipulation_images: int = Field(50, ge=2)  # test images for manipulation_success and the figures (>= 1 pair)
     figure_images: int = Field(8, ge=1)
     interpolate_pairs: int = Field(4, ge=1)
     interpolate_frames: int = Field(8, ge=2)
