@@ -18,7 +18,6 @@ from safetensors.torch import load_file, save_file
 
 from pdae.errors import PdaeError
 
-
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
