@@ -282,15 +282,10 @@ def train_diffae(
 
     A compatible checkpoint is resumed, so calling this with increasing `cfg.images` yields successive checkpoints.
     """
-    spec = TrainSpec(
-        images=cfg.images,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        ema_decay=cfg.ema_decay,
-        checkpoint_every=cfg.checkpoint_every,
-        seed=base.seed,
-        bf16=cfg.bf16,
-        fingerprint={"model": model.config, "loss": "eps-uniform", "data": list(images.shape)},
+    spec = TrainSpec.from_config(
+        cfg,
+        base.seed,
+        {"model": model.config, "loss": "eps-uniform", "data": list(images.shape)},
     )
     mods = {"encoder": model.encoder, "unet": model.unet}
     result = train(mods, diffae_loss(schedule), (images,), spec, checkpoint, device, desc=desc, progress=progress)

@@ -129,15 +129,10 @@ def pretrain_baseline(
         )
     except ValueError as err:
         raise PdaeError(f"params.yaml: baseline.channels/attention_head_dim: {err}.") from None
-    spec = TrainSpec(
-        images=cfg.images,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        ema_decay=cfg.ema_decay,
-        checkpoint_every=cfg.checkpoint_every,
-        seed=base.seed,
-        bf16=cfg.bf16,
-        fingerprint={"unet": unet.config, "data": list(images.shape)},
+    spec = TrainSpec.from_config(
+        cfg,
+        base.seed,
+        {"unet": unet.config, "data": list(images.shape)},
     )
     result = train(
         {"unet": unet},

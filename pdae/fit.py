@@ -70,15 +70,10 @@ def train_pdae(
 
     torch.manual_seed(base.seed)
     model = PDAE(backbone, cfg.z_dim, cfg.encoder_channels, cfg.dropout, num_classes=num_classes).to(device)
-    spec = TrainSpec(
-        images=cfg.images,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        ema_decay=cfg.ema_decay,
-        checkpoint_every=cfg.checkpoint_every,
-        seed=base.seed,
-        bf16=cfg.bf16,
-        fingerprint={
+    spec = TrainSpec.from_config(
+        cfg,
+        base.seed,
+        {
             "model": model.config,
             "weighting": cfg.weighting,
             "gamma": cfg.gamma,

@@ -33,8 +33,12 @@ def resolve_device(device: str) -> torch.device:
 
 
 def setup(seed: int, threads: int, device: str = "auto") -> torch.device:
-    """Seed all RNGs, pin the CPU thread count (determinism on CPU) and return the device."""
+    """Seed all RNGs, pin the CPU thread count (determinism on CPU), flush float32 denormals; return the device.
+
+    Denormals: DDIM inversion near t = 0 produces float32 denormals, which run ~10x slower on x86 CPUs.
+    """
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)
     seed_everything(seed)
     return resolve_device(device)

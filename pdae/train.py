@@ -47,6 +47,12 @@ class TrainSpec:
     log_every: int = 25
     fingerprint: dict = field(default_factory=dict)  # anything else that makes a checkpoint incompatible
 
+    @classmethod
+    def from_config(cls, cfg: Any, seed: int, fingerprint: dict, **extra: Any) -> TrainSpec:
+        """A spec from a stage config section holding images, batch_size, lr, ema_decay, checkpoint_every, bf16."""
+        keys = ("images", "batch_size", "lr", "ema_decay", "checkpoint_every", "bf16")
+        return cls(**{k: getattr(cfg, k) for k in keys}, seed=seed, fingerprint=fingerprint, **extra)
+
     @property
     def steps(self) -> int:
         return math.ceil(self.images / self.batch_size) if self.images > 0 else 0

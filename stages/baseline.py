@@ -27,9 +27,9 @@ def body(cfg, run) -> dict:
     unet, schedule = load_unet(OUT).to(device), load_schedule(OUT)
     gen = torch.Generator().manual_seed(base.seed + 1)
     x_T = torch.randn(bcfg.n_samples, *train_x.shape[1:], generator=gen).to(device)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bcfg.bf16):
-        samples = ddim_sample(plain(lambda x, t: unet(x, t).sample), x_T, schedule, bcfg.sample_steps, progress=True)
-    samples = samples.float().clamp(-1, 1).cpu()
+    # Sampled in float32 even when training used bf16 autocast (baseline.bf16 is a training option).
+    samples = ddim_sample(plain(lambda x, t: unet(x, t).sample), x_T, schedule, bcfg.sample_steps, progress=True)
+    samples = samples.clamp(-1, 1).cpu()
     run.log_artifact(save_image_grid(FIGS / "baseline_samples.png", samples[:64], nrow=8), "figures")
     scorer = load_scorer(PREPARED)
     if scorer is None:

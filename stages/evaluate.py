@@ -53,5 +53,4 @@ def body(cfg, run) -> dict:
 
 if __name__ == "__main__":
     torch.set_grad_enabled(False)
-    torch.set_flush_denormal(True)  # inversion near t = 0 hits float32 denormals: ~10x slower on x86 without this
     stage_main("evaluate", ["evaluate", "latent"], body, metrics_file="metrics/evaluate.json")

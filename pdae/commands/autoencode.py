@@ -18,14 +18,10 @@ BATCH = typer.Option(256, "--batch-size", help="Images per network call.")
 
 
 def prepare(seed: int, threads: int, device: str):
-    """Seed, pin threads, flush float32 denormals (DDIM inversion near t = 0 is ~10x slower without); -> device."""
-    import torch
-
+    """Seed, pin threads, flush float32 denormals (pdae.runtime.setup); -> device."""
     from pdae.runtime import setup
 
-    dev = setup(seed, threads, device)
-    torch.set_flush_denormal(True)
-    return dev
+    return setup(seed, threads, device)
 
 
 def load(baseline: Path, pdae_dir: Path, device):
