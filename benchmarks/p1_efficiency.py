@@ -320,6 +320,7 @@ def run(
             "lr": tcfg.lr,
             "ema_decay": tcfg.ema_decay,
             "z_dim": tcfg.z_dim,
+            "bf16": tcfg.bf16,
             "pdae_weighting": f"{tcfg.weighting} (gamma {tcfg.gamma})",
             "diffae_loss": "plain eps MSE, uniform weighting",
             "seed": base.seed,
@@ -390,6 +391,17 @@ def report(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _counts(text: str) -> list[int]:
+    """'0,4096,8192' -> [0, 4096, 8192] (increasing image counts)."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of image counts") from None
+    if not values or values != sorted(set(values)) or values[0] < 0:
+        raise argparse.ArgumentTypeError(f"'{text}': give increasing, non-negative image counts")
+    return values
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a small run (minutes)")
@@ -398,6 +410,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--prepared", type=Path, default=None, help="prepared data folder (default: see docstring)")
     ap.add_argument("--baseline", type=Path, default=None, help="baseline DPM folder (default: see docstring)")
     ap.add_argument("--baseline-images", type=int, default=None, help="pre-training images of --baseline")
+    ap.add_argument("--pdae-images", type=_counts, default=None, help="PDAE checkpoints, e.g. 0,4096,8192")
+    ap.add_argument("--diffae-images", type=_counts, default=None, help="Diff-AE-style checkpoints, e.g. 4096,8192")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     ap.add_argument("--clean", action="store_true", help="delete --work first (rebuild data and baseline)")
     ap.add_argument("--reanalyse", type=Path, default=None, help="recompute ratios of a saved result JSON in place")
@@ -413,6 +427,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.clean and args.work.exists():
         shutil.rmtree(args.work)
     settings = dict(QUICK if args.quick else DEFAULT)
+    for key, value in (("pdae_checkpoints", args.pdae_images), ("diffae_checkpoints", args.diffae_images)):
+        if value is not None:
+            settings[key] = value
     log = lambda m: print(m, flush=True)  # noqa: E731
     res = run(args.work, settings, args.prepared, args.baseline, args.threads, log, args.baseline_images)
     print(report(res))

@@ -152,6 +152,15 @@ def test_p1_run_on_the_tiny_project(tiny_project_template: Path, tmp_path: Path)
 
 
 # ---- P2 -----------------------------------------------------------------------------------------------------------
+def test_p1_checkpoint_lists_from_the_command_line():
+    import argparse
+
+    assert p1._counts("0,4096, 8192") == [0, 4096, 8192]
+    for bad in ("5,3", "4096,4096", "-1,2", "a,b", ""):
+        with pytest.raises(argparse.ArgumentTypeError):
+            p1._counts(bad)
+
+
 def test_saved_bytes_counts_distinct_non_parameter_storages():
     a = torch.randn(10, requires_grad=True)
     b = torch.randn(10, requires_grad=True)
