@@ -159,6 +159,10 @@ def test_lpips_plumbing_with_a_cached_checkpoint(tmp_path, monkeypatch) -> None:
         image_metrics._lpips_model.cache_clear()
         with pytest.raises(PdaeError, match="features.3.weight"):
             lpips_distance(x, y)
+        path.write_bytes(path.read_bytes()[:1000])  # a download cut short
+        image_metrics._lpips_model.cache_clear()
+        with pytest.raises(PdaeError, match=r"cannot be read \(it is truncated or damaged\); delete the file"):
+            lpips_distance(x, y)
     finally:
         image_metrics._lpips_model.cache_clear()
 

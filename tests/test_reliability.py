@@ -209,7 +209,7 @@ READERS = {
     "pdae-weights": "PDAE weights",
     "label-classifier": "label classifier weights",
     "inception-weights": "is not a plain tensor file",
-    "lpips-alexnet": "Weights only load failed",
+    "lpips-alexnet": "cached AlexNet weights .* cannot be read \\(it needs arbitrary unpickling\\)",
 }
 
 

@@ -85,7 +85,16 @@ def _lpips_model(checkpoint: str) -> torch.nn.Module:
         warnings.simplefilter("ignore")  # torchvision's `pretrained=` deprecation inside lpips
         # pnet_rand=True builds the trunk without fetching anything; its weights are replaced from the file below.
         model = lpips.LPIPS(net="alex", version="0.1", pretrained=True, pnet_rand=True, verbose=False)
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    from pdae.convert.load import safe_torch_load
+
+    try:
+        state = safe_torch_load(checkpoint, "features.0.weight")
+    except PdaeError as err:
+        reason = "it needs arbitrary unpickling" if "unpickling" in str(err) else "it is truncated or damaged"
+        raise PdaeError(
+            f"LPIPS: the cached AlexNet weights {checkpoint} cannot be read ({reason}); delete the file and fetch it "
+            "again with torchvision.models.alexnet(weights='IMAGENET1K_V1')."
+        ) from None
     wanted = {k for k in state if k.startswith("features.")}
     loaded: set[str] = set()
     with torch.no_grad():
