@@ -33,12 +33,18 @@ def resolve_device(device: str) -> torch.device:
 
 
 def setup(seed: int, threads: int, device: str = "auto") -> torch.device:
-    """Seed all RNGs, pin the CPU thread count (determinism on CPU), flush float32 denormals; return the device.
+    """Seed all RNGs, pin the CPU thread count, flush float32 denormals; return the device.
 
+    Runs on the CPU are bitwise reproducible at a fixed thread count: besides the seeds and threads this needs
+    deterministic kernels, because the backward of a gather with repeated indices (the latent MLP's per-timestep
+    features, class embeddings) accumulates in a thread-dependent order otherwise. On CUDA the defaults are kept.
     Denormals: DDIM inversion near t = 0 produces float32 denormals, which run ~10x slower on x86 CPUs.
     """
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     torch.set_num_threads(threads)
     torch.set_flush_denormal(True)
     seed_everything(seed)
-    return resolve_device(device)
+    dev = resolve_device(device)
+    if dev.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    return dev

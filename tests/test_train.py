@@ -109,3 +109,26 @@ def test_bf16_autocast_trains_and_changes_numerics(tmp_path):
     # bfloat16 matmuls round differently: the weights differ, but only slightly
     assert not torch.equal(runs[False], runs[True])
     assert torch.allclose(runs[False], runs[True], atol=0.05)
+
+
+def test_setup_makes_cpu_gradients_of_repeated_gathers_reproducible():
+    """Backward of x[index] with repeated indices accumulates per thread; setup() selects deterministic kernels."""
+    from pdae.runtime import setup
+
+    prev_det, prev_threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
+    try:
+        assert setup(0, 2, "cpu").type == "cpu"
+        assert torch.are_deterministic_algorithms_enabled()
+        gen = torch.Generator().manual_seed(0)
+        src = torch.randn(8, 256, generator=gen, requires_grad=True)
+        index = torch.randint(0, 8, (4096,), generator=gen)
+        upstream = torch.randn(4096, 256, generator=gen)
+        grads = []
+        for _ in range(5):
+            src.grad = None
+            (src[index] * upstream).sum().backward()
+            grads.append(src.grad.clone())
+        assert all(torch.equal(grads[0], g) for g in grads[1:])
+    finally:
+        torch.use_deterministic_algorithms(prev_det)
+        torch.set_num_threads(prev_threads)
