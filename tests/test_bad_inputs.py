@@ -393,11 +393,14 @@ def case_cli_one_image_to_interpolate(p: Path, url: str) -> Invocation:
     return ("cli", ["interpolate", "a.png"])
 
 
-# Known issue (pdae/nets/backbone.py, reported): a missing folder is also tried as a hub id, and diffusers' hub
-# lookup prints a huggingface_hub deprecation warning before our error line.
-@case("cli", "empty", "nowhere", "baseline", "run the baseline stage", noise="local_dir_use_symlinks")
+@case("cli", "empty", "nowhere", "baseline", "run the baseline stage")
 def case_cli_missing_model_folder(p: Path, url: str) -> Invocation:
     return ("cli", ["interpolate", "a.png", "b.png", "--baseline", "nowhere"])
+
+
+@case("cli", "empty", "owner/not-cached", "neither a folder nor a cached hub id", "run the baseline stage")
+def case_cli_uncached_hub_id(p: Path, url: str) -> Invocation:
+    return ("cli", ["interpolate", "a.png", "b.png", "--baseline", "owner/not-cached"])
 
 
 @case("cli", "tiny", "image not found: nope.png", "pass an existing PNG/JPG file")

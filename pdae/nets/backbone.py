@@ -7,6 +7,8 @@ This is the only module (besides checkpoint converters) that knows diffusers' bl
 from __future__ import annotations
 
 import os
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from torch import nn
 
 from pdae.errors import PdaeError
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # owner/name, as the hub spells ids
 SUPPORTED_DOWN = ("DownBlock2D", "AttnDownBlock2D", "ResnetDownsampleBlock2D")
 SUPPORTED_UP = ("UpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D")
 
@@ -238,16 +241,21 @@ def load_backbone(path: str | os.PathLike, subfolder: str | None = None) -> Back
     A missing folder, a folder without a readable UNet2DModel or an unsupported architecture raise PdaeError.
     """
     where = Path(path) / subfolder if subfolder else Path(path)
+    missing = PdaeError(
+        f"baseline model not found: {path} is neither a folder nor a cached hub id; "
+        "run the baseline stage (dvc repro) or fix the path."
+    )
+    if not Path(path).exists() and not _HUB_ID.fullmatch(str(path)):
+        raise missing  # not a folder and not shaped like owner/name: no hub lookup (and none of its warnings)
     if Path(path).exists() and not (where / "config.json").is_file():
         raise PdaeError(f"no diffusers UNet2DModel in {where} (config.json missing); run the baseline stage first.")
     try:
-        unet = UNet2DModel.from_pretrained(str(path), subfolder=subfolder, local_files_only=True)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")  # diffusers -> huggingface_hub
+            unet = UNet2DModel.from_pretrained(str(path), subfolder=subfolder, local_files_only=True)
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as err:
         if not Path(path).exists():
-            raise PdaeError(
-                f"baseline model not found: {path} is neither a folder nor a cached hub id; "
-                "run the baseline stage (dvc repro) or fix the path."
-            ) from err
+            raise missing from err
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise PdaeError(f"cannot load a UNet2DModel from {where} ({first}); re-create it or fix the path.") from err
     return Backbone(unet.float())
