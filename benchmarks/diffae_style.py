@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from pdae.config import BaseConfig, TrainConfig
 from pdae.diffusion import Schedule
 from pdae.nets.encoder import Encoder
-from pdae.nets.layers import SelfAttention, upsample_conv3x3, zero_module
+from pdae.nets.layers import SelfAttention, modulate_twice, upsample_conv3x3, zero_module
 from pdae.nets.unet import norm_groups
 from pdae.train import TrainResult, TrainSpec, train
 
@@ -76,13 +76,7 @@ class CondResBlock(nn.Module):
         out = self.shortcut(x)
         if self.resample == "up":
             out = F.interpolate(out, scale_factor=2.0, mode="nearest")  # a 1x1 conv commutes with nearest x2
-        s_t, b_t = self.t_proj(t_act).chunk(2, dim=1)
-        s_z, b_z = self.z_proj(z_act).chunk(2, dim=1)
-        g_t, g_z = 1 + s_t, 1 + s_z
-        scale = self.norm2.weight * g_t * g_z
-        shift = (self.norm2.bias * g_t + b_t) * g_z + b_z
-        h = F.group_norm(h, self.norm2.num_groups, eps=self.norm2.eps)
-        h = torch.addcmul(shift[:, :, None, None], h, scale[:, :, None, None])
+        h = modulate_twice(h, self.norm2, self.t_proj(t_act), self.z_proj(z_act))
         return out + self.conv2(self.dropout(F.silu(h)))
 
 

@@ -161,7 +161,7 @@ def test_lpips_plumbing_with_a_cached_checkpoint(tmp_path, monkeypatch) -> None:
             lpips_distance(x, y)
         path.write_bytes(path.read_bytes()[:1000])  # a download cut short
         image_metrics._lpips_model.cache_clear()
-        with pytest.raises(PdaeError, match=r"cannot be read \(it is truncated or damaged\); delete the file"):
+        with pytest.raises(PdaeError, match=r"LPIPS AlexNet weights: .* truncated or damaged.*Delete the cached file"):
             lpips_distance(x, y)
     finally:
         image_metrics._lpips_model.cache_clear()

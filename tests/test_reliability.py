@@ -209,7 +209,7 @@ READERS = {
     "pdae-weights": "PDAE weights",
     "label-classifier": "label classifier weights",
     "inception-weights": "is not a plain tensor file",
-    "lpips-alexnet": "cached AlexNet weights .* cannot be read \\(it needs arbitrary unpickling\\)",
+    "lpips-alexnet": "LPIPS AlexNet weights: .* cannot be loaded safely: it needs arbitrary unpickling",
 }
 
 

@@ -89,11 +89,10 @@ def _lpips_model(checkpoint: str) -> torch.nn.Module:
 
     try:
         state = safe_torch_load(checkpoint, "features.0.weight")
-    except PdaeError as err:
-        reason = "it needs arbitrary unpickling" if "unpickling" in str(err) else "it is truncated or damaged"
+    except PdaeError as err:  # the loader's line names the file and what is wrong with it
         raise PdaeError(
-            f"LPIPS: the cached AlexNet weights {checkpoint} cannot be read ({reason}); delete the file and fetch it "
-            "again with torchvision.models.alexnet(weights='IMAGENET1K_V1')."
+            f"LPIPS AlexNet weights: {str(err).rstrip('.')}. Delete the cached file and fetch it again with "
+            "torchvision.models.alexnet(weights='IMAGENET1K_V1')."
         ) from None
     wanted = {k for k in state if k.startswith("features.")}
     loaded: set[str] = set()

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pdae.nets.backbone import Features, UpBlockPlan, UpPathPlan
-from pdae.nets.layers import SelfAttention, group_norm, groups_for, upsample_conv3x3, zero_module
+from pdae.nets.layers import SelfAttention, group_norm, groups_for, modulate_twice, upsample_conv3x3, zero_module
 
 
 # ResBlock conditioned on time and z by "scale and shift twice": (1 + s_z) * (GN(h) * (1 + s_t) + b_t) + b_z.
@@ -71,14 +71,7 @@ class ZResBlock(nn.Module):
             a_skip = F.silu(F.group_norm(skip, self.skip_groups, eps=self.eps))
             h = h + self.conv1_skip(a_skip)
             out = out + self.shortcut_skip(skip)
-        s_t, b_t = self.t_proj(t_act).chunk(2, dim=1)
-        s_z, b_z = self.z_proj(z_act).chunk(2, dim=1)
-        # GN2's affine and both modulations folded into one (N, C) scale and shift: one pass over the feature map.
-        g_t, g_z = 1 + s_t, 1 + s_z
-        scale = self.norm2.weight * g_t * g_z
-        shift = (self.norm2.bias * g_t + b_t) * g_z + b_z
-        h = F.group_norm(h, self.norm2.num_groups, eps=self.norm2.eps)
-        h = torch.addcmul(shift[:, :, None, None], h, scale[:, :, None, None])
+        h = modulate_twice(h, self.norm2, self.t_proj(t_act), self.z_proj(z_act))
         return out + self.conv2(self.dropout(F.silu(h)))
 
 

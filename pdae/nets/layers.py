@@ -77,3 +77,18 @@ def upsample_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         rows.append(torch.stack(cols, dim=-1))  # (N, O, H, W, 2): column phase last
     out = torch.stack(rows, dim=3)  # (N, O, H, 2, W, 2)
     return out.reshape(n, -1, 2 * h, 2 * w)
+
+
+def modulate_twice(h: torch.Tensor, norm: nn.GroupNorm, t_mod: torch.Tensor, z_mod: torch.Tensor) -> torch.Tensor:
+    """(1 + s_z) * (norm(h) * (1 + s_t) + b_t) + b_z ("scale and shift twice") in one pass over h (N, C, H, W).
+
+    t_mod and z_mod (N, 2C) hold (s_t, b_t) and (s_z, b_z); the GroupNorm's affine and both modulations are folded
+    into one per-(N, C) scale and shift.
+    """
+    s_t, b_t = t_mod.chunk(2, dim=1)
+    s_z, b_z = z_mod.chunk(2, dim=1)
+    g_t, g_z = 1 + s_t, 1 + s_z
+    scale = norm.weight * g_t * g_z
+    shift = (norm.bias * g_t + b_t) * g_z + b_z
+    h = F.group_norm(h, norm.num_groups, eps=norm.eps)
+    return torch.addcmul(shift[:, :, None, None], h, scale[:, :, None, None])
