@@ -186,7 +186,9 @@ def test_classcond_shapes_and_zero_scale_is_bare_dpm(tiny_project):
     x_T = torch.randn(4, 1, 8, 8)
     lab = torch.tensor([0, 1, 2, 0])
     w0 = classcond_sample(cc, lab, x_T, schedule, 0.0, steps=3)
-    assert w0.shape == (4, 1, 8, 8) and torch.equal(w0, bare_samples(model.backbone, x_T, schedule, 3))
+    assert w0.shape == (4, 1, 8, 8)
+    # G scaled by 0 vs the bare DPM's sampler: different code paths, equal up to float rounding over 3 steps
+    torch.testing.assert_close(w0, bare_samples(model.backbone, x_T, schedule, 3), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(classcond_sample(cc, lab, x_T, schedule, 2.0, steps=3), w0)
     scorer = load_scorer(tiny_project / "data/prepared")
     metrics, grids = classcond_study(cc, schedule, 3, cfg, torch.Generator(), scorer)
