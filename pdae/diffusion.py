@@ -51,6 +51,11 @@ class Schedule:
         return cls(torch.linspace(beta_start, beta_end, T, dtype=torch.float64))
 
     @classmethod
+    def scaled_linear(cls, T: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> Schedule:
+        """Latent-diffusion schedule: betas linear in sqrt(beta), i.e. linspace(sqrt(b0), sqrt(b1), T) ** 2."""
+        return cls(torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float64) ** 2)
+
+    @classmethod
     def cosine(cls, T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> Schedule:
         """Nichol & Dhariwal's cosine schedule: abar(t) = cos^2(((t/T + s) / (1 + s)) pi / 2), normalised."""
         f = [math.cos(((i / T) + s) / (1 + s) * math.pi / 2) ** 2 for i in range(T + 1)]
@@ -90,6 +95,17 @@ class Schedule:
 
     def eps_from_x0(self, x_t: Tensor, t: Tensor, x0: Tensor) -> Tensor:
         return (x_t - at(self.sqrt_abar, t, x_t) * x0) / at(self.sqrt_one_minus_abar, t, x_t)
+
+    def eps_from_v(self, x_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
+        """eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t, for v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0.
+
+        Derivation in docs/parameterisations.md.
+        """
+        return at(self.sqrt_abar, t, x_t) * v + at(self.sqrt_one_minus_abar, t, x_t) * x_t
+
+    def v_from_eps(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        """v = (eps - sqrt(1 - abar_t) x_t) / sqrt(abar_t), the inverse of eps_from_v."""
+        return (eps - at(self.sqrt_one_minus_abar, t, x_t) * x_t) / at(self.sqrt_abar, t, x_t)
 
     def shift(self, eps_hat: Tensor, g: Tensor, t: Tensor) -> Tensor:
         """Training / DDPM form of the PDAE shift: eps_tilde = eps_hat + c_t G."""

@@ -19,6 +19,8 @@ from pdae.convert.load import safe_torch_load
 from pdae.convert.mapping import convert_state_dict
 from pdae.convert.spec import DIFFAE_PRESETS, UNetSpec, diffae_preset, diffae_spec, pdae_spec, read_yaml
 from pdae.errors import PdaeError
+from pdae.nets.adapter import DPM_FILE, SCHEDULER_FILE, DpmSpec, dpm_extra, schedule_from_config, scheduler_config
+from pdae.nets.backbone import Backbone
 
 Kind = Literal["pdae-official", "diffae"]
 KINDS: tuple[str, ...] = ("pdae-official", "diffae")
@@ -139,6 +141,20 @@ def convert_checkpoint(
     return model.eval()
 
 
+def convert_dpm(
+    src: str | os.PathLike,
+    kind: Kind,
+    config: ConfigArg = None,
+    *,
+    sample_size: int | None = None,
+) -> tuple[UNet2DModel, dict[str, Any], float]:
+    """(UNet2DModel, its diffusers scheduler config, timestep input scale) of an official checkpoint.
+
+    The PDAE and Diff-AE DPMs are epsilon models on the linear 1e-4..0.02 schedule with T = 1000 and integer t.
+    """
+    return convert_checkpoint(src, kind, config, sample_size=sample_size), scheduler_config(), 1.0
+
+
 def convert_to_folder(
     src: str | os.PathLike,
     kind: Kind,
@@ -146,21 +162,30 @@ def convert_to_folder(
     config: ConfigArg = None,
     *,
     sample_size: int | None = None,
+    class_label: int | None = None,
 ) -> Path:
-    """Convert (as convert_checkpoint) and save a diffusers folder (config.json + safetensors) atomically at `dst`.
+    """Convert (as convert_dpm) and save a model folder atomically at `dst`: diffusers config.json + safetensors,
+    scheduler_config.json and, when needed, pdae_dpm.json (class label, timestep scale; pdae.nets.adapter).
 
     The folder is written beside `dst` under a temporary name and renamed into place; an existing `dst` is replaced
-    only if it is itself a diffusers model folder (has config.json). Returns `dst`.
+    only if it is itself a diffusers model folder (has config.json). A class-conditional model needs `class_label`.
+    Returns `dst`.
     """
     dst = Path(dst)
     if dst.exists() and not (dst.is_dir() and (dst / "config.json").is_file()):
         raise PdaeError(f"{dst} exists and is not a diffusers model folder; choose another destination or remove it.")
-    model = convert_checkpoint(src, kind, config, sample_size=sample_size)
+    model, scheduler, timestep_scale = convert_dpm(src, kind, config, sample_size=sample_size)
+    extra = dpm_extra(class_label, timestep_scale)
+    # Refuse what the adapter cannot run (e.g. a class-conditional model without a label) before writing anything.
+    Backbone(model, DpmSpec(schedule_from_config(scheduler), scheduler["prediction_type"], **(extra or {})))
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
     old = dst.with_name(f".{dst.name}.old")
     try:
         model.save_pretrained(tmp, safe_serialization=True)
+        (tmp / SCHEDULER_FILE).write_text(json.dumps(scheduler, indent=2) + "\n")
+        if extra:
+            (tmp / DPM_FILE).write_text(json.dumps(extra, indent=2) + "\n")
         provenance = {"source": str(Path(src).resolve()), "kind": kind, "converter": "pdae.convert"}
         (tmp / "conversion.json").write_text(json.dumps(provenance, indent=2) + "\n")
         if dst.exists():
