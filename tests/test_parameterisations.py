@@ -129,8 +129,10 @@ def test_pdae_trajectories_match_eps_form(kind, dtype, tol) -> None:
         torch.testing.assert_close(xs[1], xs[0], rtol=tol, atol=tol)
         outs = [ddim_sample(m.model_fn(z), xs[0], schedule, steps=10) for m in (a, b)]
         torch.testing.assert_close(outs[1], outs[0], rtol=tol, atol=tol)
-        ddpm = [ddpm_sample(m.model_fn(z), xs[0], schedule, steps=5, generator=torch.Generator().manual_seed(1))
-                for m in (a, b)]
+        ddpm = [
+            ddpm_sample(m.model_fn(z), xs[0], schedule, steps=5, generator=torch.Generator().manual_seed(1))
+            for m in (a, b)
+        ]
         torch.testing.assert_close(ddpm[1], ddpm[0], rtol=tol, atol=tol)
     losses = [
         pdae_loss(m.backbone, schedule)({"encoder": m.encoder, "gradient": m.gradient}, (x0,), torch.Generator())
@@ -193,7 +195,8 @@ def test_folder_round_trip_and_refusals(tmp_path) -> None:
     assert not (tmp_path / "m").exists()
     save_baseline(unet, tmp_path / "m", scheduler=sched, extra={"class_label": 3, "timestep_scale": 2.5})
     spec = read_dpm_spec(tmp_path / "m")
-    assert (spec.prediction_type, spec.class_label, spec.timestep_scale, spec.schedule.T) == ("v_prediction", 3, 2.5, 400)
+    got = (spec.prediction_type, spec.class_label, spec.timestep_scale, spec.schedule.T)
+    assert got == ("v_prediction", 3, 2.5, 400)
     torch.testing.assert_close(load_schedule(tmp_path / "m").abar, Schedule.cosine(400).abar, rtol=0, atol=0)
     backbone = load_backbone(tmp_path / "m")
     x, t = torch.randn(2, 2, 8, 8), torch.tensor([3, 399])
