@@ -1,4 +1,5 @@
-"""Convert official PDAE / Diff-AE pre-trained DPM checkpoints into diffusers `UNet2DModel` folders."""
+"""Convert official pre-trained DPM checkpoints (PDAE, Diff-AE, guided-diffusion/ADM, improved-diffusion) into
+diffusers `UNet2DModel` folders with their scheduler config."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Any, Literal
 import torch
 from diffusers import UNet2DModel
 
+from pdae.convert.adm import adm_spec, read_flags
 from pdae.convert.load import safe_torch_load
 from pdae.convert.mapping import convert_state_dict
 from pdae.convert.spec import DIFFAE_PRESETS, UNetSpec, diffae_preset, diffae_spec, pdae_spec, read_yaml
@@ -22,8 +24,9 @@ from pdae.errors import PdaeError
 from pdae.nets.adapter import DPM_FILE, SCHEDULER_FILE, DpmSpec, dpm_extra, schedule_from_config, scheduler_config
 from pdae.nets.backbone import Backbone
 
-Kind = Literal["pdae-official", "diffae"]
-KINDS: tuple[str, ...] = ("pdae-official", "diffae")
+Kind = Literal["pdae-official", "diffae", "adm", "improved-diffusion"]
+KINDS: tuple[str, ...] = ("pdae-official", "diffae", "adm", "improved-diffusion")
+ADM_KINDS = ("adm", "improved-diffusion")
 PDAE_FILES = ("checkpoint.pt", "config.yml")
 DIFFAE_FILE = "last.ckpt"
 # Lightning state_dict entries of a Diff-AE DDIM model that are not the EMA UNet (raw weights, sampling buffers).
@@ -92,6 +95,20 @@ def _diffae_source(src: Path, config: ConfigArg) -> tuple[UNetSpec, dict[str, to
     return spec, state
 
 
+def _adm_source(src: Path, kind: str, config: ConfigArg) -> tuple[UNetSpec, dict[str, Any], float, dict]:
+    if src.is_dir():
+        raise PdaeError(f"{src} is a folder; give the {kind} checkpoint file (e.g. 256x256_diffusion_uncond.pt).")
+    spec, sched, scale = adm_spec(kind, read_flags(config, f"{kind} model flags"), f"{kind} model flags")
+    ckpt = safe_torch_load(src, key="state_dict")
+    for key in ("state_dict", "model", "ema"):  # a state dict re-saved under one entry
+        if "time_embed.0.weight" not in ckpt and isinstance(ckpt.get(key), Mapping):
+            ckpt = dict(ckpt[key])
+    if "time_embed.0.weight" not in ckpt:
+        keys = ", ".join(sorted(map(str, ckpt))[:5])
+        raise PdaeError(f"{src} is not a {kind} UNet state dict (no time_embed.0.weight; found: {keys}).")
+    return spec, sched, scale, ckpt
+
+
 def load_official(
     src: str | os.PathLike, kind: Kind, config: ConfigArg = None
 ) -> tuple[UNetSpec, dict[str, torch.Tensor]]:
@@ -101,6 +118,9 @@ def load_official(
         return _pdae_source(src, config)
     if kind == "diffae":
         return _diffae_source(src, config)
+    if kind in ADM_KINDS:
+        spec, _, _, state = _adm_source(src, kind, config)
+        return spec, state
     raise PdaeError(f"unknown checkpoint kind '{kind}'; use one of {', '.join(KINDS)}.")
 
 
@@ -135,9 +155,12 @@ def convert_checkpoint(
         sample_size = int(found.group(1)) if found else None
     if sample_size is not None:
         spec = dataclasses.replace(spec, sample_size=int(sample_size))
+    return _build(spec, state, str(src))
+
+
+def _build(spec: UNetSpec, state: Mapping[str, torch.Tensor], what: str) -> UNet2DModel:
     model = UNet2DModel(**spec.diffusers_config())
-    converted = convert_state_dict(spec, state, model.state_dict(), what=str(src))
-    model.load_state_dict(converted, strict=True)
+    model.load_state_dict(convert_state_dict(spec, state, model.state_dict(), what=what), strict=True)
     return model.eval()
 
 
@@ -151,8 +174,15 @@ def convert_dpm(
     """(UNet2DModel, its diffusers scheduler config, timestep input scale) of an official checkpoint.
 
     The PDAE and Diff-AE DPMs are epsilon models on the linear 1e-4..0.02 schedule with T = 1000 and integer t.
+    ADM / improved-diffusion: `config` holds the model flags (a '--flag value' string, or a YAML/JSON/flags file);
+    schedule, prediction type and timestep scale follow from them (pdae.convert.adm.adm_spec).
     """
-    return convert_checkpoint(src, kind, config, sample_size=sample_size), scheduler_config(), 1.0
+    if kind not in ADM_KINDS:
+        return convert_checkpoint(src, kind, config, sample_size=sample_size), scheduler_config(), 1.0
+    spec, sched, scale, state = _adm_source(Path(src), kind, config)
+    if sample_size is not None and sample_size != spec.sample_size:
+        raise PdaeError(f"sample_size {sample_size} contradicts the model flags' image_size {spec.sample_size}.")
+    return _build(spec, state, str(src)), sched, scale
 
 
 def convert_to_folder(
