@@ -242,8 +242,7 @@ def acquire_baseline(
             train_images_per_second=result.images_per_second,
             final_loss=history[-1][2] if history else None,
         )
-    scheduler = None
-    timestep_scale = 1.0
+    scheduler, adapter = None, {}
     if cfg.source == "diffusers":
         local = Path(cfg.path).exists()
         unet, scheduler = load_unet(cfg.path, local_only=local), load_scheduler_config(cfg.path, local_only=local)
@@ -253,7 +252,7 @@ def acquire_baseline(
     elif cfg.source != "train":
         from pdae.convert import convert_dpm
 
-        unet, scheduler, timestep_scale = convert_dpm(
+        unet, scheduler, adapter = convert_dpm(
             _fetch(cfg, work / "downloads"), cfg.source, cfg.config, sample_size=cfg.sample_size
         )
     if unet.config.sample_size != base.image_size or unet.config.in_channels != train_images.shape[1]:
@@ -262,7 +261,7 @@ def acquire_baseline(
             f"data is {train_images.shape[1]}×{base.image_size}²; set base.image_size (and the dataset) to match."
         )
     metrics["parameters"] = sum(p.numel() for p in unet.parameters())
-    save_baseline(unet.cpu(), out_dir, scheduler=scheduler, extra=dpm_extra(cfg.class_label, timestep_scale))
+    save_baseline(unet.cpu(), out_dir, scheduler=scheduler, extra=dpm_extra(cfg.class_label, **adapter))
     if cfg.source == "train":
         (work / "baseline" / "state.safetensors").unlink(missing_ok=True)
     return metrics, history

@@ -39,6 +39,12 @@ CASES = {
         "--use_new_attention_order True --diffusion_steps 500 --noise_schedule linear",
         (32, (1, 2, 2), 2, {1, 2}, lambda c: 2, False, False, True),
     ),
+    "adm-fixed-heads": (
+        "adm",
+        "--image_size 16 --channel_mult 1,2,3 --num_channels 32 --num_res_blocks 1 --attention_resolutions 8,4 "
+        "--num_heads 4 --resblock_updown True --diffusion_steps 1000 --noise_schedule linear",
+        (32, (1, 2, 3), 1, {1, 2}, lambda c: 4, True, True, False),
+    ),
     "improved-cosine-4000": (
         "improved-diffusion",
         "--image_size 32 --num_channels 32 --num_res_blocks 1 --attention_resolutions 16 --num_heads 1 "
@@ -64,8 +70,9 @@ def test_converted_model_matches_reference(tmp_path, name) -> None:
     """Every output channel (eps / x0 and the variance half) of the converted UNet equals the reference forward."""
     kind, flags, state, path = write_case(tmp_path, name)
     base, mult, nres, attn, heads_of, *_, new = CASES[name][2]
-    unet, sched, scale = convert_dpm(path, kind, flags)
-    size = unet.config.sample_size
+    unet, sched, adapter = convert_dpm(path, kind, flags)
+    scale, size = adapter["timestep_scale"], unet.config.sample_size
+    assert adapter["attention_heads"] == (4 if name == "adm-fixed-heads" else None)
     x, t = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 371])
     y = torch.tensor([5, 999]) if unet.class_embedding is not None else None
     with torch.no_grad():
@@ -73,6 +80,21 @@ def test_converted_model_matches_reference(tmp_path, name) -> None:
         out = unet(x, t * scale, class_labels=y).sample
     assert out.shape == ref.shape
     torch.testing.assert_close(out, ref, rtol=0, atol=TOL)
+
+
+def test_fixed_heads_over_different_widths_through_the_folder(tmp_path) -> None:
+    """4 heads on 64- and 96-channel attention: recorded in pdae_dpm.json and applied by load_backbone (and G)."""
+    kind, flags, state, path = write_case(tmp_path, "adm-fixed-heads")
+    convert_to_folder(path, kind, tmp_path / "out", config=flags)
+    assert read_dpm_spec(tmp_path / "out").attention_heads == 4
+    backbone = load_backbone(tmp_path / "out")
+    assert {b.attention_heads for b in backbone.plan.blocks} == {0, 4} and backbone.plan.mid_attention_heads == 4
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([5, 900])
+    with torch.no_grad():
+        ref = ref_unet(state, x, t, 32, 3, 1, {1, 2}, lambda c: 4)
+        one_head = ref_unet(state, x, t, 32, 3, 1, {1, 2}, lambda c: 1)
+    torch.testing.assert_close(backbone(x, t), ref, rtol=0, atol=TOL)
+    assert (ref - one_head).abs().max() > 1e-3  # the head count matters for these weights
 
 
 def test_learned_sigma_and_class_label_through_the_adapter(tmp_path) -> None:
@@ -126,7 +148,7 @@ def test_flag_schedules(schedule, T) -> None:
     from pdae.nets.adapter import schedule_from_config
 
     flags = {"image_size": 32, "num_channels": 32, "diffusion_steps": T, "noise_schedule": schedule}
-    _, sched, scale = adm_spec("improved-diffusion", flags, "flags")
+    _, sched, scale = adm_spec("improved-diffusion", flags, "flags")  # scale: the timestep input scale
     assert scale == 1000 / T
     ours = schedule_from_config(sched).abar.numpy()
     np.testing.assert_allclose(ours, _official_abar(schedule, T), rtol=1e-12, atol=1e-15)
@@ -136,9 +158,9 @@ def test_flag_schedules(schedule, T) -> None:
     "kind,flags,words",
     [
         ("adm", "--image_size 512 --num_channels 32", "fractional multipliers"),
-        ("adm", "--image_size 64 --num_channels 32 --num_heads 4 --attention_resolutions 16,8", "head widths"),
         ("adm", "--image_size 64 --num_channels 32 --num_heads_upsample 2", "num_heads_upsample 2"),
         ("adm", "--image_size 64 --num_chanels 32", "unknown adm flags num_chanels"),
+        ("adm", "--large_size 256 --small_size 64 --num_channels 192", "super-resolution model"),
         ("adm", "--image_size 64 --learn_sigma maybe", "learn_sigma must be True or False"),
         ("improved-diffusion", "--image_size 128", "no default channel_mult for image_size 128"),
         ("improved-diffusion", "--image_size 32 --noise_schedule sqrt", "noise_schedule 'sqrt'"),

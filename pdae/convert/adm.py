@@ -4,8 +4,10 @@ Both codes save a bare UNet state dict (`model.state_dict()`) and describe the m
 their scripts (e.g. `--image_size 256 --num_channels 256 --learn_sigma True ...`). Their UNet is the network family
 of `pdae.convert.spec` (the PDAE / Diff-AE UNets are derived from it) with two more switches: plain (non scale-shift)
 time conditioning and convolutional resampling (`resblock_updown False`, improved-diffusion always), both of which
-diffusers' UNet2DModel has. What UNet2DModel cannot express exactly (a first channel multiplier other than 1,
-per-level head widths from a fixed head count, other up-path heads) is refused by `UNetSpec.validate`.
+diffusers' UNet2DModel has. A fixed head count over attention levels of different widths (e.g. improved-diffusion's
+ImageNet-64 models) has no UNet2DModel config: the folder then records `attention_heads` in pdae_dpm.json and the
+DPM adapter sets it on every attention module. What cannot be expressed at all (a first channel multiplier other
+than 1, other up-path heads) is refused.
 """
 
 from __future__ import annotations
@@ -111,6 +113,11 @@ def _bool(value: Any, key: str, where: str) -> bool:
 
 def _flags(kind: str, given: Mapping[str, Any], where: str) -> dict[str, Any]:
     defaults = DEFAULTS[kind]
+    if "large_size" in given or "small_size" in given:
+        raise PdaeError(
+            f"{where}: large_size/small_size describe a {kind} super-resolution model (conditioned on a low-res "
+            "image); PDAE supports unconditional or class-conditional image DPMs."
+        )
     unknown = sorted(set(given) - set(defaults))
     if unknown:
         raise PdaeError(f"{where}: unknown {kind} flags {', '.join(unknown)}; known: {', '.join(sorted(defaults))}.")
@@ -174,6 +181,7 @@ def adm_spec(kind: str, given: Mapping[str, Any], where: str) -> tuple[UNetSpec,
         num_classes=NUM_CLASSES if f["class_cond"] else None,
         resblock_updown=bool(f.get("resblock_updown", False)),
         scale_shift=bool(f["use_scale_shift_norm"]),
+        adapter_heads=True,
         source=where,
     ).validate()
     return spec, sched, (1000.0 / T if f["rescale_timesteps"] else 1.0)

@@ -21,7 +21,15 @@ from pdae.convert.load import safe_torch_load
 from pdae.convert.mapping import convert_state_dict
 from pdae.convert.spec import DIFFAE_PRESETS, UNetSpec, diffae_preset, diffae_spec, pdae_spec, read_yaml
 from pdae.errors import PdaeError
-from pdae.nets.adapter import DPM_FILE, SCHEDULER_FILE, DpmSpec, dpm_extra, schedule_from_config, scheduler_config
+from pdae.nets.adapter import (
+    DPM_FILE,
+    SCHEDULER_FILE,
+    DpmSpec,
+    dpm_extra,
+    schedule_from_config,
+    scheduler_config,
+    set_attention_heads,
+)
 from pdae.nets.backbone import Backbone
 
 Kind = Literal["pdae-official", "diffae", "adm", "improved-diffusion"]
@@ -170,19 +178,26 @@ def convert_dpm(
     config: ConfigArg = None,
     *,
     sample_size: int | None = None,
-) -> tuple[UNet2DModel, dict[str, Any], float]:
-    """(UNet2DModel, its diffusers scheduler config, timestep input scale) of an official checkpoint.
+) -> tuple[UNet2DModel, dict[str, Any], dict[str, Any]]:
+    """(UNet2DModel, its diffusers scheduler config, adapter settings) of an official checkpoint.
 
     The PDAE and Diff-AE DPMs are epsilon models on the linear 1e-4..0.02 schedule with T = 1000 and integer t.
     ADM / improved-diffusion: `config` holds the model flags (a '--flag value' string, or a YAML/JSON/flags file);
-    schedule, prediction type and timestep scale follow from them (pdae.convert.adm.adm_spec).
+    schedule, prediction type and timestep scale follow from them (pdae.convert.adm.adm_spec). Adapter settings:
+    {"timestep_scale": float, "attention_heads": int | None} (pdae.nets.adapter.DpmSpec); attention heads are also
+    set on the returned model, so that calling it directly is already correct.
     """
     if kind not in ADM_KINDS:
-        return convert_checkpoint(src, kind, config, sample_size=sample_size), scheduler_config(), 1.0
+        unet = convert_checkpoint(src, kind, config, sample_size=sample_size)
+        return unet, scheduler_config(), {"timestep_scale": 1.0, "attention_heads": None}
     spec, sched, scale, state = _adm_source(Path(src), kind, config)
     if sample_size is not None and sample_size != spec.sample_size:
         raise PdaeError(f"sample_size {sample_size} contradicts the model flags' image_size {spec.sample_size}.")
-    return _build(spec, state, str(src)), sched, scale
+    unet = _build(spec, state, str(src))
+    heads = spec.fixed_heads()
+    if heads is not None:
+        set_attention_heads(unet, heads)
+    return unet, sched, {"timestep_scale": scale, "attention_heads": heads}
 
 
 def convert_to_folder(
@@ -204,8 +219,8 @@ def convert_to_folder(
     dst = Path(dst)
     if dst.exists() and not (dst.is_dir() and (dst / "config.json").is_file()):
         raise PdaeError(f"{dst} exists and is not a diffusers model folder; choose another destination or remove it.")
-    model, scheduler, timestep_scale = convert_dpm(src, kind, config, sample_size=sample_size)
-    extra = dpm_extra(class_label, timestep_scale)
+    model, scheduler, adapter = convert_dpm(src, kind, config, sample_size=sample_size)
+    extra = dpm_extra(class_label, **adapter)
     # Refuse what the adapter cannot run (e.g. a class-conditional model without a label) before writing anything.
     Backbone(model, DpmSpec(schedule_from_config(scheduler), scheduler["prediction_type"], **(extra or {})))
     dst.parent.mkdir(parents=True, exist_ok=True)

@@ -46,6 +46,7 @@ class UNetSpec:
     num_classes: int | None = None
     resblock_updown: bool = True  # False: conv resampling (strided conv down, nearest + conv up)
     scale_shift: bool = True  # False: the time embedding is added after the first conv (no scale-shift norm)
+    adapter_heads: bool = False  # True: a fixed head count diffusers cannot express is set by the DPM adapter
     source: str = "config"  # where the spec came from, for error messages
 
     @property
@@ -65,7 +66,8 @@ class UNetSpec:
         """diffusers' single `attention_head_dim` reproducing the heads at every attention block (None = 1 head).
 
         diffusers derives heads = C // attention_head_dim per block, so a fixed head count with different widths
-        (other than one head everywhere) has no exact equivalent and is rejected.
+        (other than one head everywhere) has no exact equivalent: rejected, unless `adapter_heads` (then the config
+        says one head and `fixed_heads()` gives the count the adapter sets on every attention module).
         """
         widths = sorted({self.channels[lv] for lv in self.attention_levels} | {self.channels[-1]})
         if self.head_channels > 0:
@@ -74,10 +76,18 @@ class UNetSpec:
             return None
         if len(widths) == 1:
             return widths[0] // self.num_heads
+        if self.adapter_heads:
+            return None
         raise PdaeError(
             f"{self.source}: num_heads={self.num_heads} on attention widths {widths} gives different head widths, "
             "which diffusers' UNet2DModel (one attention_head_dim) cannot express; such a checkpoint is not supported."
         )
+
+    def fixed_heads(self) -> int | None:
+        """Head count the adapter must set on every attention module (pdae_dpm.json `attention_heads`), or None."""
+        if self.adapter_heads and self.head_channels <= 0 and self.num_heads > 1 and self.attention_head_dim() is None:
+            return self.num_heads
+        return None
 
     def validate(self) -> UNetSpec:
         """Check what the diffusers equivalent needs; returns self."""

@@ -45,13 +45,16 @@ class DpmSpec:
 
     schedule: its training beta schedule; prediction_type: what the network outputs (epsilon, v_prediction or
     sample = x0); class_label: the label a class-conditional network runs with (None: unconditional network);
-    timestep_scale: the network is fed t * timestep_scale (improved-diffusion's rescale_timesteps: 1000 / T).
+    timestep_scale: the network is fed t * timestep_scale (improved-diffusion's rescale_timesteps: 1000 / T);
+    attention_heads: a head count for every attention module that the diffusers config cannot express (fixed heads
+    over levels of different widths, ADM / improved-diffusion), None = as configured.
     """
 
     schedule: Schedule = field(default_factory=Schedule.linear)
     prediction_type: str = "epsilon"
     class_label: int | None = None
     timestep_scale: float = 1.0
+    attention_heads: int | None = None
 
     def __post_init__(self) -> None:
         if self.prediction_type not in PREDICTION_TYPES:
@@ -146,14 +149,30 @@ def read_dpm_spec(folder: str | Path) -> DpmSpec:
         prediction_type=prediction_type_from_config(cfg, str(sched_path)),
         class_label=None if label is None else int(label),
         timestep_scale=float(extra.get("timestep_scale", 1.0)),
+        attention_heads=None if extra.get("attention_heads") is None else int(extra["attention_heads"]),
     )
 
 
-def dpm_extra(class_label: int | None = None, timestep_scale: float = 1.0) -> dict[str, Any] | None:
-    """The pdae_dpm.json content for these settings, or None when both are defaults (no file is written)."""
-    if class_label is None and timestep_scale == 1.0:
+def dpm_extra(
+    class_label: int | None = None, timestep_scale: float = 1.0, attention_heads: int | None = None
+) -> dict[str, Any] | None:
+    """The pdae_dpm.json content for these settings, or None when all are defaults (no file is written)."""
+    if class_label is None and timestep_scale == 1.0 and attention_heads is None:
         return None
-    return {"class_label": class_label, "timestep_scale": float(timestep_scale)}
+    return {"class_label": class_label, "timestep_scale": float(timestep_scale), "attention_heads": attention_heads}
+
+
+def set_attention_heads(unet: torch.nn.Module, heads: int) -> None:
+    """Run every attention module of `unet` with `heads` heads (same weights; head width = channels / heads)."""
+    from diffusers.models.attention_processor import Attention
+
+    for module in unet.modules():
+        if isinstance(module, Attention):
+            inner = module.to_q.out_features
+            if inner % heads:
+                raise PdaeError(f"attention_heads {heads} does not divide an attention width of {inner} channels.")
+            module.heads = module.sliceable_head_dim = heads
+            module.scale = (inner // heads) ** -0.5
 
 
 def eps_from_output(

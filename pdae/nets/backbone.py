@@ -18,7 +18,7 @@ from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
 from pdae.errors import PdaeError
-from pdae.nets.adapter import DpmSpec, eps_from_output, read_dpm_spec
+from pdae.nets.adapter import DpmSpec, eps_from_output, read_dpm_spec, set_attention_heads
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # owner/name, as the hub spells ids
 SUPPORTED_DOWN = ("DownBlock2D", "AttnDownBlock2D", "ResnetDownsampleBlock2D")
@@ -108,6 +108,8 @@ class Backbone(nn.Module):
         super().__init__()
         dpm = dpm if dpm is not None else DpmSpec()
         _check_supported(unet, dpm)
+        if dpm.attention_heads is not None:
+            set_attention_heads(unet, dpm.attention_heads)
         unet.eval()
         unet.requires_grad_(False)
         self.unet = unet
