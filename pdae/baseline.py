@@ -2,9 +2,11 @@
 
 Sources (`baseline.source`): `train` pre-trains a BeatGANs-style UNet2DModel on the prepared train split (the
 embedded default, offline); `diffusers` loads a hub id or a local folder; `url` downloads a diffusers folder
-archive or a single safetensors file with sha256 verification; `pdae-official` / `diffae` convert the official
-checkpoints (`pdae.convert`). Every source ends as `models/baseline/` = `UNet2DModel.save_pretrained` +
-`scheduler_config.json`, written atomically (temp folder, then rename).
+archive or a single safetensors file with sha256 verification; `pdae-official` / `diffae` / `adm` /
+`improved-diffusion` convert the official checkpoints (`pdae.convert`). Every source ends as `models/baseline/` =
+`UNet2DModel.save_pretrained` + the model's own `scheduler_config.json` (schedule, prediction type) + `pdae_dpm.json`
+when needed (class label, timestep scale, attention heads; `pdae.nets.adapter`), written atomically (temp folder,
+then rename).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pdae.diffusion import Schedule
 from pdae.errors import PdaeError
 from pdae.nets.adapter import (
     DPM_FILE,
+    SCHEDULER_FILE,
     DpmSpec,
     dpm_extra,
     prediction_type_from_config,
@@ -36,8 +39,6 @@ from pdae.nets.adapter import (
 )
 from pdae.nets.backbone import Backbone
 from pdae.train import TrainResult, TrainSpec, train
-
-SCHEDULER_FILE = "scheduler_config.json"  # = pdae.nets.adapter.SCHEDULER_FILE
 
 
 def load_schedule(model_dir: str | Path) -> Schedule:
@@ -117,9 +118,12 @@ def load_scheduler_config(source: str | Path, local_only: bool = True) -> dict[s
     """
     from diffusers import DDPMScheduler
 
-    for sub in (None, "scheduler"):
+    places = [(str(source), None), (str(source), "scheduler")]
+    if Path(source).name == "unet":  # the UNet folder of a pipeline: its scheduler is a sibling
+        places.append((str(Path(source).parent), "scheduler"))
+    for folder, sub in places:
         try:
-            cfg = dict(DDPMScheduler.load_config(str(source), subfolder=sub, local_files_only=local_only))
+            cfg = dict(DDPMScheduler.load_config(folder, subfolder=sub, local_files_only=local_only))
         except (OSError, ValueError):
             continue
         cfg = {k: v for k, v in cfg.items() if not k.startswith("_") or k == "_class_name"}

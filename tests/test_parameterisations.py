@@ -210,3 +210,26 @@ def test_folder_round_trip_and_refusals(tmp_path) -> None:
         Backbone(tiny_eps_unet(), DpmSpec(class_label=1))
     with pytest.raises(PdaeError, match="prediction_type 'mu'"):
         DpmSpec(prediction_type="mu")
+
+
+@pytest.mark.parametrize("layout", ["pipeline", "flat"])
+def test_diffusers_source_carries_its_scheduler(tmp_path, layout) -> None:
+    """baseline.source=diffusers: a v-prediction, scaled_linear model (pipeline unet/ + scheduler/ or one folder)."""
+    from pdae.baseline import acquire_baseline
+    from pdae.config import BaseConfig, BaselineConfig
+
+    unet = tiny_eps_unet()
+    src = tmp_path / "src"
+    unet.save_pretrained(src / "unet" if layout == "pipeline" else src)
+    sched = DDPMScheduler(num_train_timesteps=300, beta_schedule="scaled_linear", prediction_type="v_prediction")
+    sched.save_config(src / "scheduler" if layout == "pipeline" else src)
+    cfg = BaselineConfig(source="diffusers", path=str(src))
+    acquire_baseline(cfg, BaseConfig(image_size=8, seed=0), torch.zeros(1, 2, 8, 8), tmp_path / "bl", "cpu")
+    spec = read_dpm_spec(tmp_path / "bl")
+    assert (spec.prediction_type, spec.schedule.T) == ("v_prediction", 300)
+    torch.testing.assert_close(spec.schedule.abar, sched.alphas_cumprod.double(), rtol=2e-6, atol=1e-7)
+    x, t = torch.randn(2, 2, 8, 8), torch.tensor([0, 299])
+    with torch.no_grad():
+        v = unet(x, t).sample
+    eps = spec.schedule.eps_from_v(x, t, v)
+    torch.testing.assert_close(load_backbone(tmp_path / "bl")(x, t), eps, rtol=0, atol=1e-5)
