@@ -52,12 +52,13 @@ class PrepareConfig(Section):
 
 # Baseline (frozen) DPM: where it comes from and, for source=train, how it is pre-trained.
 class BaselineConfig(Section):
-    source: Literal["train", "diffusers", "url", "pdae-official", "diffae"] = "train"
+    source: Literal["train", "diffusers", "url", "pdae-official", "diffae", "adm", "improved-diffusion"] = "train"
     path: str | None = None  # diffusers hub id or folder; local official checkpoint
     url: str | None = None
     sha256: str | None = None
     config: str | None = None  # official sources: PDAE config.yml path, Diff-AE config file or preset name
     sample_size: int | None = Field(None, ge=8)  # official sources: image size when the config lacks it
+    class_label: int | None = Field(None, ge=0)  # class-conditional DPMs: the label (e.g. a null label) they run with
     channels: list[int] = Field(default_factory=lambda: [32, 64, 64])
     layers_per_block: int = Field(1, ge=1)
     attention_head_dim: int = Field(16, ge=1)
@@ -73,7 +74,9 @@ class BaselineConfig(Section):
 
     @model_validator(mode="after")
     def _source_fields(self) -> BaselineConfig:
-        if self.source in ("diffusers", "pdae-official", "diffae") and not (self.path or self.url):
+        if self.source in ("diffusers", "pdae-official", "diffae", "adm", "improved-diffusion") and not (
+            self.path or self.url
+        ):
             raise ValueError(f"source '{self.source}' needs baseline.path (or baseline.url)")
         if self.source == "url" and not (self.url and self.sha256):
             raise ValueError("source 'url' needs baseline.url and baseline.sha256")

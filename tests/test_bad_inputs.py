@@ -383,7 +383,7 @@ def case_cli_bad_override(p: Path, url: str) -> Invocation:
     return ("cli", ["params", "-S", "trainlr=1"])
 
 
-@case("cli", "empty", "--kind 'bogus'", "use pdae-official or diffae")
+@case("cli", "empty", "--kind 'bogus'", "use one of pdae-official, diffae, adm, improved-diffusion")
 def case_cli_unknown_kind(p: Path, url: str) -> Invocation:
     return ("cli", ["convert", "src", "dst", "--kind", "bogus"])
 
