@@ -9,11 +9,11 @@ checkpoints (`pdae.convert`). Every source ends as `models/baseline/` = `UNet2DM
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import shutil
-import tarfile
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from torch import Tensor
 
 from pdae.config import BaseConfig, BaselineConfig
 from pdae.diffusion import Schedule
-from pdae.errors import PdaeError
+from pdae.errors import PdaeError, brief
 from pdae.train import TrainResult, TrainSpec, train
 
 SCHEDULER_FILE = "scheduler_config.json"
@@ -80,19 +80,35 @@ def save_baseline(unet: UNet2DModel, out_dir: str | Path, schedule_name: str = "
     return out_dir
 
 
+@contextlib.contextmanager
+def _quiet_diffusers():
+    """Silence diffusers' logger (e.g. its "Defaulting to unsafe serialization" lines): failures raise instead."""
+    log = logging.getLogger("diffusers")
+    level = log.level
+    log.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _from_pretrained(path: Path, source: str | Path, local_only: bool) -> UNet2DModel:
+    if path.is_dir():
+        return UNet2DModel.from_pretrained(str(path), local_files_only=True)
+    return UNet2DModel.from_pretrained(str(source), local_files_only=local_only)
+
+
 def load_unet(source: str | Path, local_only: bool = True) -> UNet2DModel:
     """Load a diffusers UNet2DModel from a folder or (online) hub id; one-line PdaeError on failure."""
     path = Path(source)
     if local_only and not path.exists() and "/" not in str(source):
         raise PdaeError(f"baseline model folder not found: {source} — run `dvc repro baseline` or fix baseline.path.")
     try:
-        if path.is_dir():
-            unet = UNet2DModel.from_pretrained(str(path), local_files_only=True)
-        else:
-            unet = UNet2DModel.from_pretrained(str(source), local_files_only=local_only)
+        with _quiet_diffusers():
+            unet = _from_pretrained(path, source, local_only)
     except (OSError, ValueError) as err:
         raise PdaeError(
-            f"cannot load a diffusers UNet2DModel from '{source}' ({str(err).splitlines()[0][:160]}); "
+            f"cannot load a diffusers UNet2DModel from '{source}' ({brief(err)}); "
             "pass a folder with config.json + diffusion_pytorch_model.safetensors or a reachable hub id."
         ) from None
     return unet.eval()
@@ -164,23 +180,23 @@ def _fetch(cfg: BaselineConfig, downloads: Path) -> Path:
 def _unpack_diffusers(archive: Path, work: Path) -> Path:
     """A downloaded diffusers folder: a .zip/.tar(.gz) archive holding config.json (+ weights).
 
-    Extraction uses tarfile's "data" filter (no absolute paths, no `..`, no links out, no devices) into a temp
-    folder that is renamed into place only when complete.
+    Unpacked by pdae.download.extract_archive (no path escape, no links, bounded size) into a temp folder that is
+    renamed into place only when complete. An archive that cannot be unpacked is deleted with the temp folder.
     """
+    from pdae.download import extract_archive
+
     if archive.is_dir():
         return archive
     target = work / (archive.name + ".d")
     if not target.exists():
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=work))
         try:
-            shutil.unpack_archive(str(archive), str(tmp), filter="data")
+            extract_archive(archive, tmp)
             tmp.rename(target)
-        except (shutil.ReadError, ValueError, OSError, tarfile.TarError, zipfile.BadZipFile) as err:
+        except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise PdaeError(
-                f"{archive} is not a safe .zip/.tar.gz archive of a diffusers model folder ({str(err)[:160]}); "
-                "check baseline.url."
-            ) from None
+            archive.unlink(missing_ok=True)  # verified but unusable: keeping it would only fail again
+            raise
     hits = sorted(target.rglob("config.json"))
     if not hits:
         raise PdaeError(f"{archive} holds no config.json; expected a diffusers UNet2DModel folder.")

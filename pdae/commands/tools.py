@@ -27,7 +27,9 @@ def convert_cmd(
     dst: Path = typer.Argument(..., help="Output folder (diffusers UNet2DModel format)."),
     kind: str = typer.Option("pdae-official", "--kind", help="pdae-official | diffae."),
     config: str | None = typer.Option(None, "--config", help="PDAE config.yml, Diff-AE config file or preset name."),
-    sample_size: int | None = typer.Option(None, "--sample-size", help="Image size when the config lacks it."),
+    sample_size: int | None = typer.Option(
+        None, "--sample-size", min=8, max=1024, help="Image size when the config lacks it."
+    ),
 ) -> None:
     """Convert an official PDAE or Diff-AE checkpoint into a diffusers UNet2DModel folder."""
     from pdae.baseline import SCHEDULER_FILE, scheduler_config
