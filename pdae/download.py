@@ -219,16 +219,14 @@ def _check_totals(archive: Path, dest: Path, count: int, total: int, max_bytes: 
         )
 
 
-def _zip_member_path(archive: Path, dest: Path, info: zipfile.ZipInfo) -> Path:
-    name = info.filename.replace("\\", "/")
-    mode = info.external_attr >> 16
-    if stat.S_ISLNK(mode):
-        raise _archive_error(archive, f"member '{info.filename}' is a symbolic link")
-    if name.startswith("/") or re.match(r"^[A-Za-z]:", name) or ".." in name.split("/"):
-        raise _archive_error(archive, f"member '{info.filename}' points outside the archive folder")
-    target = (dest / name).resolve()
+def _member_target(archive: Path, dest: Path, name: str) -> Path:
+    """Where member `name` would land in `dest`; absolute paths, drive letters and `..` are refused."""
+    clean = name.replace("\\", "/")
+    target = (dest / clean).resolve()
+    if clean.startswith("/") or re.match(r"^[A-Za-z]:", clean) or ".." in clean.split("/"):
+        raise _archive_error(archive, f"member '{name}' points outside the archive folder")
     if not target.is_relative_to(dest.resolve()):
-        raise _archive_error(archive, f"member '{info.filename}' points outside the archive folder")
+        raise _archive_error(archive, f"member '{name}' points outside the archive folder")
     return target
 
 
@@ -238,7 +236,9 @@ def _extract_zip(archive: Path, dest: Path, max_bytes: int) -> None:
         _check_totals(archive, dest, len(infos), sum(i.file_size for i in infos), max_bytes)
         written = 0
         for info in infos:
-            target = _zip_member_path(archive, dest, info)
+            if stat.S_ISLNK(info.external_attr >> 16):
+                raise _archive_error(archive, f"member '{info.filename}' is a symbolic link")
+            target = _member_target(archive, dest, info.filename)
             if info.is_dir():
                 target.mkdir(parents=True, exist_ok=True)
                 continue
@@ -258,18 +258,21 @@ def _extract_tar(archive: Path, dest: Path, max_bytes: int) -> None:
         for member in members:
             if member.issym() or member.islnk():
                 raise _archive_error(archive, f"member '{member.name}' is a link")
+            _member_target(archive, dest, member.name)
         # tarfile's "data" filter also refuses absolute paths, `..`, devices and odd permissions
         tf.extractall(dest, filter="data")
 
 
-def extract_archive(archive: str | os.PathLike, dest: str | os.PathLike, max_bytes: int = MAX_UNPACKED_BYTES) -> Path:
+def extract_archive(archive: str | os.PathLike, dest: str | os.PathLike, max_bytes: int | None = None) -> Path:
     """Unpack a .zip or .tar(.gz/.bz2/.xz) archive into the existing empty folder `dest`; returns `dest`.
 
     Refused with one PdaeError line, before or while writing: members with absolute paths or `..`, symbolic or hard
-    links, more than MAX_MEMBERS members, more than `max_bytes` (or the free disk space) unpacked. The caller owns
+    links, more than MAX_MEMBERS members, more than `max_bytes` (default MAX_UNPACKED_BYTES) or the free disk
+    space unpacked. The caller owns
     `dest` and removes it on failure.
     """
     archive, dest = Path(archive), Path(dest)
+    max_bytes = MAX_UNPACKED_BYTES if max_bytes is None else max_bytes
     try:
         if zipfile.is_zipfile(archive):
             _extract_zip(archive, dest, max_bytes)

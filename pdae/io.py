@@ -178,8 +178,24 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
 
 
+# Largest PNG grid written (pixels): 8192 x 8192, about 200 MB as RGB in memory.
+MAX_GRID_PIXELS = 8192 * 8192
+
+
 def image_grid(images: torch.Tensor, nrow: int, pad: int = 1, scale: int = 1) -> torch.Tensor:
-    """Tile (N, C, H, W) in [-1, 1] into one uint8 (H', W', 3) image, `nrow` images per row."""
+    """Tile (N, C, H, W) in [-1, 1] into one uint8 (H', W', 3) image, `nrow` images per row.
+
+    A grid above MAX_GRID_PIXELS is refused (PdaeError) before anything is allocated.
+    """
+    n, _, h, w = images.shape
+    ncol = max(1, nrow)
+    height = math.ceil(n / ncol) * (h * scale + pad) + pad
+    width = ncol * (w * scale + pad) + pad
+    if height * width > MAX_GRID_PIXELS:
+        raise PdaeError(
+            f"the image grid would be {width} x {height} pixels (at most {MAX_GRID_PIXELS} allowed); "
+            "lower the upscaling (--scale/--zoom) or the number of images."
+        )
     imgs = to_uint8(images)
     if imgs.shape[1] == 1:
         imgs = imgs.repeat(1, 3, 1, 1)

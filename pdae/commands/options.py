@@ -10,7 +10,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-import click
 import typer
 
 from pdae.config import MAX_COUNT, SEED_MAX
@@ -20,21 +19,12 @@ MAX_IMAGES = 100_000  # images one command generates or reads into memory
 MAX_ZOOM = 64  # integer upscaling of a written PNG
 
 
-# A float that must be finite and inside [low, high] (click's FloatRange lets nan and inf through).
-class FiniteFloat(click.ParamType):
-    name = "float"
-
-    def __init__(self, low: float, high: float) -> None:
-        self.low, self.high = low, high
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            self.fail(f"{value!r} is not a number.", param, ctx)
-        if not math.isfinite(number) or not self.low <= number <= self.high:
-            self.fail(f"{value} is not a finite number in the range {self.low:g}<=x<={self.high:g}.", param, ctx)
-        return number
+def _finite(value: Any) -> Any:
+    """Callback: click's FloatRange lets nan and inf through; refuse them (single or repeated values)."""
+    for number in value if isinstance(value, (list, tuple)) else [value]:
+        if number is not None and not math.isfinite(number):
+            raise typer.BadParameter(f"{number} is not a finite number.")
+    return value
 
 
 def count(default: Any, *names: str, help: str, low: int = 1, high: int = MAX_COUNT) -> Any:
@@ -44,7 +34,7 @@ def count(default: Any, *names: str, help: str, low: int = 1, high: int = MAX_CO
 
 def real(default: Any, *names: str, help: str, low: float, high: float) -> Any:
     """A finite float option in [low, high] (also for repeatable options)."""
-    return typer.Option(default, *names, click_type=FiniteFloat(low, high), help=help)
+    return typer.Option(default, *names, min=low, max=high, callback=_finite, help=help)
 
 
 def seed(default: int = 0, help: str = "Random seed.") -> Any:
