@@ -11,7 +11,7 @@ from pdae.errors import PdaeError
 
 IMAGES = typer.Argument(None, help="Image file(s) (PNG/JPG/...), centre-cropped and resized to the model size.")
 INDEX = options.count(None, "--index", "-i", help="Test image of data/prepared by position (repeatable).", low=0)
-STEPS = typer.Option(100, "--steps", min=1, max=1000, help="DDIM steps for the inversion and the decoding.")
+STEPS = options.count(100, "--steps", help="DDIM steps for the inversion and the decoding.", high=1000)
 DEVICE = typer.Option("auto", "--device", help="auto | cpu | cuda.")
 ZOOM = options.count(4, "--zoom", help="Integer upscaling of the written PNG.", high=options.MAX_ZOOM)
 BASELINE = typer.Option(Path("models/baseline"), "--baseline", help="Frozen DPM folder (baseline stage).")
@@ -100,7 +100,7 @@ def manipulate_cmd(
 def interpolate_cmd(
     images: list[Path] | None = IMAGES,
     index: list[int] | None = INDEX,
-    frames: int = typer.Option(8, "--frames", "-f", min=2, max=256, help="Frames including both endpoints."),
+    frames: int = options.count(8, "--frames", "-f", help="Frames including both endpoints.", low=2, high=256),
     mode: str = typer.Option("both", "--mode", help="lerp (Lerp z + Slerp x_T) | mix (mix G outputs) | both."),
     out: Path = options.out_file(Path("interpolation.png"), "--out", "-o", help="PNG to write."),
     steps: int = STEPS,

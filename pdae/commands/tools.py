@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from pdae.commands import options
 from pdae.errors import PdaeError
 
 OVERRIDE = typer.Option(None, "--set", "-S", help="Override a params key, e.g. -S train.lr=1e-4 (repeatable).")
@@ -27,8 +28,8 @@ def convert_cmd(
     dst: Path = typer.Argument(..., help="Output folder (diffusers UNet2DModel format)."),
     kind: str = typer.Option("pdae-official", "--kind", help="pdae-official | diffae."),
     config: str | None = typer.Option(None, "--config", help="PDAE config.yml, Diff-AE config file or preset name."),
-    sample_size: int | None = typer.Option(
-        None, "--sample-size", min=8, max=1024, help="Image size when the config lacks it."
+    sample_size: int | None = options.count(
+        None, "--sample-size", help="Image size when the config lacks it.", low=8, high=1024
     ),
 ) -> None:
     """Convert an official PDAE or Diff-AE checkpoint into a diffusers UNet2DModel folder."""
