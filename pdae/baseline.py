@@ -203,6 +203,22 @@ def _unpack_diffusers(archive: Path, work: Path) -> Path:
     return hits[0].parent
 
 
+def _foreign_unet(cfg: BaselineConfig, downloads: Path) -> UNet2DModel:
+    """The UNet of a `url`, `pdae-official` or `diffae` source; a failure leaves no empty downloads folder."""
+    from pdae.download import remove_empty_dirs
+
+    created = [d for d in (downloads, *downloads.parents) if not d.exists()]
+    try:
+        if cfg.source == "url":
+            return load_unet(_unpack_diffusers(_fetch(cfg, downloads), downloads))
+        from pdae.convert import convert_checkpoint
+
+        return convert_checkpoint(_fetch(cfg, downloads), cfg.source, cfg.config, sample_size=cfg.sample_size)
+    except BaseException:
+        remove_empty_dirs(created)
+        raise
+
+
 def acquire_baseline(
     cfg: BaselineConfig,
     base: BaseConfig,
@@ -228,12 +244,8 @@ def acquire_baseline(
         )
     elif cfg.source == "diffusers":
         unet = load_unet(cfg.path, local_only=Path(cfg.path).exists())
-    elif cfg.source == "url":
-        unet = load_unet(_unpack_diffusers(_fetch(cfg, work / "downloads"), work / "downloads"))
     else:
-        from pdae.convert import convert_checkpoint
-
-        unet = convert_checkpoint(_fetch(cfg, work / "downloads"), cfg.source, cfg.config, sample_size=cfg.sample_size)
+        unet = _foreign_unet(cfg, work / "downloads")
     if unet.config.sample_size != base.image_size or unet.config.in_channels != train_images.shape[1]:
         raise PdaeError(
             f"baseline model expects {unet.config.in_channels}×{unet.config.sample_size}² images but the prepared "

@@ -7,6 +7,7 @@ turns any problem into one PdaeError line that names the key, e.g.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,6 +43,19 @@ def _int_range(name: str) -> tuple[int, int, str]:
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _huge_floats(cls, value: Any, info: ValidationInfo) -> Any:
+        """A float too large for any int field (e.g. z_dim: 1e23) is reported as out of range, not as unparsable."""
+        items = value if isinstance(value, list) else [value]
+        for item in items:
+            if isinstance(item, float) and math.isfinite(item) and abs(item) > MAX_LENGTH:
+                annotation = str(cls.model_fields[info.field_name].annotation) if info.field_name else ""
+                if "int" in annotation and "float" not in annotation:
+                    low, high, why = _int_range(info.field_name or "")
+                    raise ValueError(f"{item:g} is out of range: it must be at most {high} ({why})")
+        return value
 
     @field_validator("*", mode="after")
     @classmethod

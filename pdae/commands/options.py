@@ -1,7 +1,7 @@
 """Shared command-line value types: every numeric option has a range, floats are finite, outputs are files.
 
 Out-of-range values are click usage errors (exit 2): one message naming the option, the value and the range, e.g.
-``Invalid value for '--steps': 0 is not in the range 1<=x<=1000.`` The ranges mirror pdae/config.py.
+``Invalid value for '--steps': Value error, 0 is out of range; use 1..1000``. The ranges mirror pdae/config.py.
 """
 
 from __future__ import annotations
