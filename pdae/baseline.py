@@ -9,9 +9,7 @@ checkpoints (`pdae.convert`). Every source ends as `models/baseline/` = `UNet2DM
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -25,6 +23,7 @@ from torch import Tensor
 from pdae.config import BaseConfig, BaselineConfig
 from pdae.diffusion import Schedule
 from pdae.errors import PdaeError, brief
+from pdae.nets.backbone import quiet_diffusers
 from pdae.train import TrainResult, TrainSpec, train
 
 SCHEDULER_FILE = "scheduler_config.json"
@@ -80,18 +79,6 @@ def save_baseline(unet: UNet2DModel, out_dir: str | Path, schedule_name: str = "
     return out_dir
 
 
-@contextlib.contextmanager
-def _quiet_diffusers():
-    """Silence diffusers' logger (e.g. its "Defaulting to unsafe serialization" lines): failures raise instead."""
-    log = logging.getLogger("diffusers")
-    level = log.level
-    log.setLevel(logging.CRITICAL + 1)
-    try:
-        yield
-    finally:
-        log.setLevel(level)
-
-
 def _from_pretrained(path: Path, source: str | Path, local_only: bool) -> UNet2DModel:
     if path.is_dir():
         return UNet2DModel.from_pretrained(str(path), local_files_only=True)
@@ -104,7 +91,7 @@ def load_unet(source: str | Path, local_only: bool = True) -> UNet2DModel:
     if local_only and not path.exists() and "/" not in str(source):
         raise PdaeError(f"baseline model folder not found: {source} — run `dvc repro baseline` or fix baseline.path.")
     try:
-        with _quiet_diffusers():
+        with quiet_diffusers():
             unet = _from_pretrained(path, source, local_only)
     except (OSError, ValueError) as err:
         raise PdaeError(

@@ -698,3 +698,13 @@ def test_seed_range_is_the_libraries_range(seed: int, ok: bool) -> None:
     else:
         with pytest.raises(PdaeError, match=r"base.seed: .* 0..4294967295"):
             parse_section("base", {"seed": seed})
+
+
+def test_zero_steps_is_an_error_not_the_default() -> None:
+    """steps=0 used to fall back to 100 steps silently (and be reported as 0)."""
+    from pdae.diffusion import Schedule, ddim_grid
+    from pdae.sampling import _grid
+
+    with pytest.raises(PdaeError, match=r"1\.\.1000 \(got 0\)"):
+        _grid(Schedule.linear(1000), 0, None)
+    assert _grid(Schedule.linear(1000), None, None) == ddim_grid(1000, 100)

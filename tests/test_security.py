@@ -233,3 +233,22 @@ def test_fid_helper_conversion_writes_no_cache_file(hub: Path) -> None:
     state = inception.fid_helper_state_dict()
     assert len(state) == 94 * 6 and all(isinstance(v, torch.Tensor) for v in state.values())
     assert not hub.exists() or not any(p.is_file() for p in hub.rglob("*"))
+
+
+def test_pickled_diffusers_weights_refused_without_log_noise(tiny_project: Path, tmp_path: Path, capfd) -> None:
+    """A diffusers folder whose weights are a malicious .bin: one line, none of diffusers' log lines, no payload."""
+    from pdae.baseline import load_unet
+    from pdae.nets.backbone import load_backbone
+
+    marker = tmp_path / "pwned"
+    src = tmp_path / "evil"
+    src.mkdir()
+    (src / "config.json").write_text((tiny_project / "models/baseline/config.json").read_text())
+    write_evil_checkpoint(src / "diffusion_pytorch_model.bin", marker)
+    for load in (load_unet, load_backbone):
+        with _no_warnings(), pytest.raises(PdaeError) as info:
+            load(src)
+        _one_line(info.value)
+    err = capfd.readouterr().err
+    assert "Defaulting to unsafe serialization" not in err and "An error occurred" not in err, err
+    assert not marker.exists()
