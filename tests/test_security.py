@@ -68,7 +68,7 @@ def test_poisoned_alexnet_cache_is_refused(hub: Path, tmp_path: Path) -> None:
     x = torch.zeros(1, 3, 32, 32)
     with pytest.raises(PdaeError, match=r"LPIPS AlexNet weights at .* not the pinned 7be5be791159472b") as info:
         image_metrics.lpips_distance(x, x)
-    assert "torchvision.models.alexnet(weights='IMAGENET1K_V1')" in _one_line(info.value)
+    assert "download https://download.pytorch.org/models/alexnet-owt-7be5be79.pth" in _one_line(info.value)
     assert not marker.exists()
 
 

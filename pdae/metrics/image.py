@@ -80,7 +80,8 @@ def alexnet_checkpoint_path() -> Path:
 # LPIPS v0.1 linear-layer file shipped in the lpips package (lpips/weights/v0.1/alex.pth).
 ALEXNET_SHA256 = "7be5be791159472b1fbf3c69796f7cb30dca7ad8466c2df70058c37116cdee02"
 LPIPS_LINEAR_SHA256 = "df73285e35b22355a2df87cdb6b70b343713b667eddbda73e1977e0c860835c0"
-_ALEXNET_FIX = "fetch it again with torchvision.models.alexnet(weights='IMAGENET1K_V1')"
+ALEXNET_URL = "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"
+_ALEXNET_FIX = f"download {ALEXNET_URL} to that path again (its sha256 is checked before it is read)"
 
 
 @functools.lru_cache(maxsize=2)
@@ -133,8 +134,8 @@ def lpips_distance(x: torch.Tensor, y: torch.Tensor, batch_size: int = 64) -> tu
     checkpoint = alexnet_checkpoint_path()
     if not checkpoint.is_file():
         return None, (
-            f"AlexNet ImageNet weights not in the torch hub cache ({checkpoint}); run once with internet to fetch "
-            "them (e.g. torchvision.models.alexnet(weights='IMAGENET1K_V1'))"
+            f"AlexNet ImageNet weights not in the torch hub cache ({checkpoint}); download {ALEXNET_URL} there "
+            "(pdae checks its sha256 and never unpickles it)"
         )
     model = _lpips_model(str(checkpoint)).to(x.device)
     factor = math.ceil(LPIPS_MIN_SIZE / min(x.shape[-2:]))
