@@ -44,7 +44,6 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from pdae.errors import PdaeError
 from pdae.io import load_pinned_weights
 
-STANDARD_EXTRACTOR = "inception-v3-compat"
 LOCAL_EXTRACTOR = "inception-v3-compat-fid-helper"
 FEATURES_LABEL = "inception-v3-compat (2015-12-05)"
 STANDARD_SAFE_EXTRACTOR = "inception-v3-compat-pinned"
