@@ -2,7 +2,9 @@
 
 Each params.yaml section maps to one frozen pydantic model. `load_params` validates the sections a caller reads and
 turns any problem into one PdaeError line that names the key, e.g.
-``params.yaml: train.lr: Input should be greater than 0 (got -1)``.
+``params.yaml: train.lr: Input should be greater than 0 (got -1)``. Besides each field's own bounds, one validator on
+`Section` gives every field of every section (present and future) a range: floats finite, ints bounded by name
+(seeds, layer widths, run lengths, other counts); a key given twice in params.yaml is an error.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ class Section(BaseModel):
             if isinstance(item, float) and math.isfinite(item) and abs(item) > MAX_LENGTH:
                 annotation = str(cls.model_fields[info.field_name].annotation) if info.field_name else ""
                 if "int" in annotation and "float" not in annotation:
-                    low, high, why = _int_range(info.field_name or "")
+                    _, high, why = _int_range(info.field_name or "")
                     raise ValueError(f"{item:g} is out of range: it must be at most {high} ({why})")
         return value
 
@@ -286,6 +288,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, (str, int, float, bool)) or key is None:
+                continue  # complex keys: left to the section validation
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None,
