@@ -252,3 +252,20 @@ def test_pickled_diffusers_weights_refused_without_log_noise(tiny_project: Path,
     err = capfd.readouterr().err
     assert "Defaulting to unsafe serialization" not in err and "An error occurred" not in err, err
     assert not marker.exists()
+
+
+def test_library_outputs_refuse_folders_and_absurd_grids(tmp_path: Path) -> None:
+    """The library's own checks behind the CLI ones: an output path that is a folder, a PNG grid too large to hold."""
+    from pdae.io import MAX_GRID_PIXELS, image_grid, write_json
+
+    with pytest.raises(PdaeError, match="is a folder; pass a file path"):
+        write_json(tmp_path, {"a": 1})
+    assert list(tmp_path.iterdir()) == []
+    side = int(MAX_GRID_PIXELS**0.5) // 8 + 1  # 8 px images upscaled past the budget
+    with pytest.raises(PdaeError, match=r"image grid would be .* pixels .* lower the upscaling"):
+        image_grid(torch.zeros(1, 1, 8, 8), nrow=1, scale=side)
+    assert image_grid(torch.zeros(2, 1, 8, 8), nrow=2, scale=2).shape == (
+        18,
+        35,
+        3,
+    )  # 1 row, 2 columns of 16 px + 1 px padding
