@@ -685,7 +685,7 @@ def test_numeric_param_out_of_range_is_one_line(section: str, name: str, value: 
 
 def test_every_section_has_numeric_params_checked() -> None:
     sections = {s for s, _, _ in NUMERIC_PARAMS}
-    assert sections == {"base", "prepare", "baseline", "train", "encode", "classify", "latent", "evaluate"}
+    assert sections >= {"base", "prepare", "baseline", "train", "encode", "classify", "latent", "evaluate"}
     assert len(NUMERIC_PARAMS) >= 70
 
 
