@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
-import tarfile
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +24,7 @@ from torch import Tensor
 
 from pdae.config import BaseConfig, BaselineConfig
 from pdae.diffusion import Schedule
-from pdae.errors import PdaeError
+from pdae.errors import PdaeError, brief
 from pdae.nets.adapter import (
     DPM_FILE,
     SCHEDULER_FILE,
@@ -37,7 +35,7 @@ from pdae.nets.adapter import (
     schedule_from_config,
     scheduler_config,
 )
-from pdae.nets.backbone import Backbone
+from pdae.nets.backbone import Backbone, quiet_diffusers
 from pdae.train import TrainResult, TrainSpec, train
 
 
@@ -102,10 +100,13 @@ def load_unet(source: str | Path, local_only: bool = True) -> UNet2DModel:
         raise PdaeError(f"baseline model folder not found: {source} — run `dvc repro baseline` or fix baseline.path.")
     sub = _unet_subfolder(source, local_only)
     try:
-        unet = UNet2DModel.from_pretrained(str(source), subfolder=sub, local_files_only=local_only or path.is_dir())
+        with quiet_diffusers():
+            unet = UNet2DModel.from_pretrained(
+                str(source), subfolder=sub, local_files_only=local_only or path.is_dir()
+            )
     except (OSError, ValueError) as err:
         raise PdaeError(
-            f"cannot load a diffusers UNet2DModel from '{source}' ({str(err).splitlines()[0][:160]}); "
+            f"cannot load a diffusers UNet2DModel from '{source}' ({brief(err)}); "
             "pass a folder with config.json + diffusion_pytorch_model.safetensors or a reachable hub id."
         ) from None
     return unet.eval()
@@ -200,27 +201,45 @@ def _fetch(cfg: BaselineConfig, downloads: Path) -> Path:
 def _unpack_diffusers(archive: Path, work: Path) -> Path:
     """A downloaded diffusers folder: a .zip/.tar(.gz) archive holding config.json (+ weights).
 
-    Extraction uses tarfile's "data" filter (no absolute paths, no `..`, no links out, no devices) into a temp
-    folder that is renamed into place only when complete.
+    Unpacked by pdae.download.extract_archive (no path escape, no links, bounded size) into a temp folder that is
+    renamed into place only when complete. An archive that cannot be unpacked is deleted with the temp folder.
     """
+    from pdae.download import extract_archive
+
     if archive.is_dir():
         return archive
     target = work / (archive.name + ".d")
     if not target.exists():
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=work))
         try:
-            shutil.unpack_archive(str(archive), str(tmp), filter="data")
+            extract_archive(archive, tmp)
             tmp.rename(target)
-        except (shutil.ReadError, ValueError, OSError, tarfile.TarError, zipfile.BadZipFile) as err:
+        except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise PdaeError(
-                f"{archive} is not a safe .zip/.tar.gz archive of a diffusers model folder ({str(err)[:160]}); "
-                "check baseline.url."
-            ) from None
+            archive.unlink(missing_ok=True)  # verified but unusable: keeping it would only fail again
+            raise
     hits = sorted(target.rglob("config.json"))
     if not hits:
         raise PdaeError(f"{archive} holds no config.json; expected a diffusers UNet2DModel folder.")
     return hits[0].parent
+
+
+def _foreign_unet(cfg: BaselineConfig, downloads: Path) -> tuple[UNet2DModel, dict[str, Any] | None, dict]:
+    """(UNet, scheduler config, adapter dict) of a `url` or converted source; a failure leaves no empty downloads
+    folder."""
+    from pdae.download import remove_empty_dirs
+
+    created = [d for d in (downloads, *downloads.parents) if not d.exists()]
+    try:
+        if cfg.source == "url":
+            folder = _unpack_diffusers(_fetch(cfg, downloads), downloads)
+            return load_unet(folder), load_scheduler_config(folder), {}
+        from pdae.convert import convert_dpm
+
+        return convert_dpm(_fetch(cfg, downloads), cfg.source, cfg.config, sample_size=cfg.sample_size)
+    except BaseException:
+        remove_empty_dirs(created)
+        raise
 
 
 def acquire_baseline(
@@ -250,15 +269,8 @@ def acquire_baseline(
     if cfg.source == "diffusers":
         local = Path(cfg.path).exists()
         unet, scheduler = load_unet(cfg.path, local_only=local), load_scheduler_config(cfg.path, local_only=local)
-    elif cfg.source == "url":
-        folder = _unpack_diffusers(_fetch(cfg, work / "downloads"), work / "downloads")
-        unet, scheduler = load_unet(folder), load_scheduler_config(folder)
     elif cfg.source != "train":
-        from pdae.convert import convert_dpm
-
-        unet, scheduler, adapter = convert_dpm(
-            _fetch(cfg, work / "downloads"), cfg.source, cfg.config, sample_size=cfg.sample_size
-        )
+        unet, scheduler, adapter = _foreign_unet(cfg, work / "downloads")
     if unet.config.sample_size != base.image_size or unet.config.in_channels != train_images.shape[1]:
         raise PdaeError(
             f"baseline model expects {unet.config.in_channels}×{unet.config.sample_size}² images but the prepared "

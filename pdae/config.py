@@ -2,24 +2,75 @@
 
 Each params.yaml section maps to one frozen pydantic model. `load_params` validates the sections a caller reads and
 turns any problem into one PdaeError line that names the key, e.g.
-``params.yaml: train.lr: Input should be greater than 0 (got -1)``.
+``params.yaml: train.lr: Input should be greater than 0 (got -1)``. Besides each field's own bounds, one validator on
+`Section` gives every field of every section (present and future) a range: floats finite, ints bounded by name
+(seeds, layer widths, run lengths, other counts); a key given twice in params.yaml is an error.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from pdae.errors import PdaeError
 
 PARAMS_FILE = "params.yaml"
 
 
+# Ranges every section shares, applied by name to each int (and each int in a list) by `Section._ranges`; floats
+# must be finite everywhere (allow_inf_nan=False). Sizes of network layers are bounded so that a typo such as
+# z_dim: 1e23 is an error line and not an allocation attempt; any other count is bounded by MAX_COUNT.
+SEED_MAX = 2**32 - 1  # numpy's seed range (torch accepts more)
+MAX_COUNT = 2**24  # images per set, batch sizes, steps ...: far beyond a run this machine class can hold
+MAX_LENGTH = 10**10  # training lengths in images seen, iteration counts
+MAX_WIDTH = 8192  # widths and channel counts of a layer, latent dimensions
+LENGTH_FIELDS = ("images", "classcond_images", "checkpoint_every", "max_iter", "fewshot_draws")
+WIDTH_FIELDS = ("z_dim", "width", "channels", "encoder_channels", "attention_head_dim", "classifier_width")
+
+
+def _int_range(name: str) -> tuple[int, int, str]:
+    """(low, high, why) of an int field called `name` (low applies on top of the field's own bounds)."""
+    if name == "seed" or name.endswith("_seed"):
+        return 0, SEED_MAX, "the seed range of numpy and torch"
+    if name in WIDTH_FIELDS:
+        return -MAX_WIDTH, MAX_WIDTH, "a layer width this machine can allocate"
+    if name in LENGTH_FIELDS:
+        return -MAX_LENGTH, MAX_LENGTH, "a run length that can finish"
+    return -MAX_COUNT, MAX_COUNT, "a count this machine can allocate"
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _huge_floats(cls, value: Any, info: ValidationInfo) -> Any:
+        """A float too large for any int field (e.g. z_dim: 1e23) is reported as out of range, not as unparsable."""
+        items = value if isinstance(value, list) else [value]
+        for item in items:
+            if isinstance(item, float) and math.isfinite(item) and abs(item) > MAX_LENGTH:
+                annotation = str(cls.model_fields[info.field_name].annotation) if info.field_name else ""
+                if "int" in annotation and "float" not in annotation:
+                    _, high, why = _int_range(info.field_name or "")
+                    raise ValueError(f"{item:g} is out of range: it must be at most {high} ({why})")
+        return value
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _ranges(cls, value: Any, info: ValidationInfo) -> Any:
+        items = value if isinstance(value, list) else [value]
+        for item in items:
+            if isinstance(item, int) and not isinstance(item, bool):
+                low, high, why = _int_range(info.field_name or "")
+                if not low <= item <= high:
+                    shown = f"{item:.3g}" if abs(item) >= 10**12 else str(item)
+                    bound = f"in {low}..{high}" if low == 0 else f"at most {high}" if item > high else f">= {low}"
+                    raise ValueError(f"{shown} is out of range: it must be {bound} ({why})")
+        return value
 
 
 # Shared settings: seed, dataset, resolution, device and CPU threads.
@@ -234,12 +285,31 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[st
     return out
 
 
+# yaml.SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last one silently).
+class _UniqueKeyLoader(yaml.SafeLoader):
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, (str, int, float, bool)) or key is None:
+                continue  # complex keys: left to the section validation
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"key '{key}' appears twice (first on line {seen[key] + 1}); keep one",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_params_file(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise PdaeError(f"params file not found: {path} — run from the project folder or pass --params.")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as err:
         mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
         detail = f"line {mark.line + 1}: {problem}" if mark is not None and problem else str(err).splitlines()[0]

@@ -24,7 +24,7 @@ from torch import Tensor
 from pdae.autoencode import decode, encode, invert, random_xT
 from pdae.config import EvaluateConfig
 from pdae.diffusion import Schedule
-from pdae.errors import PdaeError
+from pdae.errors import PdaeError, brief
 from pdae.sampling import ddim_invert, ddim_sample, plain
 
 # Row keys of the reconstruction table and their labels in the paper's wording.
@@ -370,6 +370,12 @@ def download_run_models(run_id: str, dst: str | Path) -> tuple[Path, Path]:
 
     from pdae.tracking import tracking_uri
 
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise PdaeError(
+            f"--run-id {run_id}: there is no MLflow store at {uri.removeprefix('sqlite:///')} (nothing was tracked "
+            "here); set MLFLOW_TRACKING_URI to the store that holds the run, or pass --baseline/--pdae folders."
+        )
     paths = []
     for name in ("baseline", "pdae"):
         try:
@@ -379,7 +385,7 @@ def download_run_models(run_id: str, dst: str | Path) -> tuple[Path, Path]:
         except Exception as err:  # noqa: BLE001 - MLflow raises many types; all mean "not there"
             raise PdaeError(
                 f"MLflow run {run_id} has no artifact models/{name} in {tracking_uri()} "
-                f"({str(err).splitlines()[0][:160]}); evaluate that run with --baseline/--pdae paths instead."
+                f"({brief(err)}); evaluate that run with --baseline/--pdae paths instead."
             ) from None
         paths.append(Path(local))
     return paths[0], paths[1]

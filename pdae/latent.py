@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from pdae.config import BaseConfig, LatentConfig, TrainConfig
 from pdae.diffusion import Schedule
-from pdae.errors import PdaeError
+from pdae.errors import PdaeError, brief
 from pdae.io import load_tensors, read_json, save_tensors, write_json
 from pdae.nets.latent import LatentMLP
 from pdae.sampling import ddim_sample, plain
@@ -116,7 +116,7 @@ def load_latent(directory: str | os.PathLike) -> LatentDPM:
         dpm.load_state_dict(tensors, strict=True)
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise PdaeError(
-            f"{directory}: the latent DPM files do not match ({str(err).splitlines()[0][:160]}); re-run the latent "
+            f"{directory}: the latent DPM files do not match ({brief(err)}); re-run the latent "
             "stage (dvc repro latent)."
         ) from None
     return dpm.eval()

@@ -8,6 +8,7 @@ from typing import Any
 
 import typer
 
+from pdae.commands import options
 from pdae.commands.autoencode import BASELINE, DATA, DEVICE, PDAE_DIR, SEED, THREADS, console, load, prepare
 from pdae.errors import PdaeError
 
@@ -76,15 +77,27 @@ def evaluate_cmd(
         None, "--run-id", help="Evaluate the models/baseline + models/pdae artifacts of this MLflow run instead."
     ),
     steps: str | None = typer.Option(None, "--steps", help="Decoding steps T, comma-separated [10,20,50,100]."),
-    inversion_steps: int | None = typer.Option(None, "--inversion-steps", help="One shared inversion [T-step]."),
-    n_images: int | None = typer.Option(None, "--n-images", help="Test images in the reconstruction table [32]."),
+    inversion_steps: int | None = options.count(
+        None, "--inversion-steps", help="One shared inversion [T-step].", high=1000
+    ),
+    n_images: int | None = options.count(
+        None, "--n-images", help="Test images in the reconstruction table [32].", low=2, high=options.MAX_IMAGES
+    ),
     metrics: str | None = typer.Option(None, "--metrics", help="Comma-separated subset of ssim,mse,lpips,fid."),
-    fid_samples: int | None = typer.Option(None, "--fid-samples", help="Images per generated FID set [50]."),
-    fid_real: int | None = typer.Option(None, "--fid-real", help="Real reference images for FID [100]."),
-    fid_steps: int | None = typer.Option(None, "--fid-steps", help="DDIM steps of the FID sets [50]."),
-    out: Path | None = typer.Option(None, "--out", "-o", help="Write the metrics JSON to this file."),
-    report: Path | None = typer.Option(None, "--report", help="Also write a Markdown report (figures/ beside it)."),
-    params: Path = typer.Option(Path("params.yaml"), "--params", help="params.yaml whose `latent` section is used."),
+    fid_samples: int | None = options.count(
+        None, "--fid-samples", help="Images per generated FID set [50].", low=2, high=options.MAX_IMAGES
+    ),
+    fid_real: int | None = options.count(
+        None, "--fid-real", help="Real reference images for FID [100].", low=2, high=options.MAX_IMAGES
+    ),
+    fid_steps: int | None = options.count(None, "--fid-steps", help="DDIM steps of the FID sets [50].", high=1000),
+    out: Path | None = options.out_file(None, "--out", "-o", help="Write the metrics JSON to this file."),
+    report: Path | None = options.out_file(
+        None, "--report", help="Also write a Markdown report (figures/ beside it)."
+    ),
+    params: Path | None = typer.Option(
+        None, "--params", help="params.yaml whose `latent` section is used [params.yaml, defaults if absent]."
+    ),
     device: str = DEVICE,
     seed: int = SEED,
     threads: int = THREADS,
@@ -105,8 +118,8 @@ def evaluate_cmd(
     values.update(fid_samples=fid_samples, fid_real=fid_real, fid_steps=fid_steps)
     cfg = parse_section("evaluate", _options(**values), source="command line")
     sampling = None
-    if params.is_file():
-        lat = load_params(params, sections=["latent"])["latent"]
+    if params is not None or Path("params.yaml").is_file():  # a --params file that is missing is an error
+        lat = load_params(params or Path("params.yaml"), sections=["latent"])["latent"]
         sampling = LatentSampling(lat.latent_steps, lat.clip_noise, lat.clip_x0, lat.shift_fraction)
     dev = prepare(seed, threads, device)
     start = time.time()

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from pdae.commands import options
 from pdae.errors import PdaeError
 
 OVERRIDE = typer.Option(None, "--set", "-S", help="Override a params key, e.g. -S train.lr=1e-4 (repeatable).")
@@ -36,9 +37,11 @@ def convert_cmd(
         help="PDAE config.yml, Diff-AE config file or preset name; adm / improved-diffusion: the model flags "
         "('--image_size 256 --num_channels 256 ...') or a file holding them (flags text, YAML or JSON).",
     ),
-    sample_size: int | None = typer.Option(None, "--sample-size", help="Image size when the config lacks it."),
-    class_label: int | None = typer.Option(
-        None, "--class-label", min=0, help="Class-conditional models: the label PDAE runs the model with."
+    sample_size: int | None = options.count(
+        None, "--sample-size", help="Image size when the config lacks it.", low=8, high=1024
+    ),
+    class_label: int | None = options.count(
+        None, "--class-label", help="Class-conditional models: the label PDAE runs the model with.", low=0, high=65535
     ),
 ) -> None:
     """Convert an official pre-trained DPM checkpoint into a model folder PDAE's baseline stage can use.

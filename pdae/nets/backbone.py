@@ -6,9 +6,12 @@ This is the only module (besides checkpoint converters) that knows diffusers' bl
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -278,6 +281,18 @@ def _make_plan(unet: UNet2DModel) -> UpPathPlan:
     )
 
 
+@contextlib.contextmanager
+def quiet_diffusers() -> Iterator[None]:
+    """Silence diffusers' logger (e.g. "Defaulting to unsafe serialization") around a load: failures raise instead."""
+    log = logging.getLogger("diffusers")
+    level = log.level
+    log.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def load_backbone(path: str | os.PathLike, subfolder: str | None = None) -> Backbone:
     """Load a frozen Backbone from a diffusers UNet2DModel folder (config.json + weights), local files only.
 
@@ -296,7 +311,7 @@ def load_backbone(path: str | os.PathLike, subfolder: str | None = None) -> Back
     if Path(path).exists() and not (where / "config.json").is_file():
         raise PdaeError(f"no diffusers UNet2DModel in {where} (config.json missing); run the baseline stage first.")
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), quiet_diffusers():
             warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")  # diffusers -> huggingface_hub
             unet = UNet2DModel.from_pretrained(str(path), subfolder=subfolder, local_files_only=True)
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as err:
