@@ -161,15 +161,17 @@ class LatentConfig(Section):
 # Evaluation: reconstruction table, FID/KID sets, gap curve, report and the served encoder (sized for 2 CPU cores).
 class EvaluateConfig(Section):
     steps: list[int] = Field(default_factory=lambda: [10, 20, 50, 100], min_length=1)  # decoding steps T
-    inversion_steps: int | None = Field(None, ge=1, le=1000)  # None: T-step inversion per T; else one shared
-    n_images: int = Field(32, ge=2)  # test images in the reconstruction table
+    inversion_steps: int | None = Field(100, ge=1, le=1000)  # None: T-step inversion per T; else one shared
+    n_images: int | None = Field(None, ge=2)  # test images in the reconstruction table (None: the whole split)
     metrics: list[Literal["ssim", "mse", "lpips", "fid"]] = Field(
         default_factory=lambda: ["ssim", "mse", "lpips", "fid"], min_length=1
     )
-    fid_samples: int = Field(50, ge=2)  # images per generated FID/KID set
-    fid_real: int = Field(100, ge=2)  # real reference images (train split)
+    fid_samples: int = Field(1000, ge=3)  # images per generated FID/KID set
+    fid_real: int | None = Field(None, ge=3)  # real reference images (train split; None: all of it)
     fid_steps: int = Field(50, ge=1, le=1000)  # DDIM steps of every generated FID/KID set
-    gap_images: int = Field(32, ge=1)
+    kid_subset_size: int = Field(100, ge=2)  # torch-fidelity KID subsets (kept below the smallest set size)
+    n_boot: int = Field(100, ge=2)  # bootstrap resamples of every interval (FID, KID, classifier FD, gap)
+    gap_images: int | None = Field(None, ge=1)  # test images of the gap curve (None: the whole split)
     batch_size: int = Field(256, ge=1)
     log_models: bool = True  # log models/ + the served encoder (pyfunc) to the MLflow run
 
