@@ -24,7 +24,14 @@ from pdae.evaluate import (
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(
-    steps=[2, 3], inversion_steps=None, n_images=4, fid_samples=4, fid_real=5, fid_steps=2, gap_images=4, n_boot=7,
+    steps=[2, 3],
+    inversion_steps=None,
+    n_images=4,
+    fid_samples=4,
+    fid_real=5,
+    fid_steps=2,
+    gap_images=4,
+    n_boot=7,
     batch_size=64,
 )
 
@@ -105,7 +112,8 @@ def test_evaluate_run_fid_sets_figures_and_report(tiny_project, flush_denormals,
     train_x = load_split(tiny_project / "data/prepared", "train")[0]
     ref = train_x[torch.randperm(len(train_x), generator=torch.Generator().manual_seed(12))[:5]]
     assert real["fid"] == pytest.approx(frechet_distance(test_x.flatten(1), ref.flatten(1)), rel=1e-3)
-    assert set(m["fid_comparisons"]) == {"latent_dpm_samples_vs_ddim_samples", "random_xT_reconstructions_vs_real_test"}
+    pairs = {"latent_dpm_samples_vs_ddim_samples", "random_xT_reconstructions_vs_real_test"}
+    assert set(m["fid_comparisons"]) == pairs
     assert m["fid_headline"]["statistic"] in ("fid", "classifier_fd")
     assert m["fid_settings"]["random_xT_set"] == "decoded separately"  # n_images < the test split
     assert m["n_images"] == 4 and m["steps"] == [2, 3] and m["gap_images"] == 4 and "gap_reduction" in m
