@@ -234,6 +234,11 @@ def test_latent_stage_on_tiny_project(tiny_project, monkeypatch):
         assert m[key] is not None and m[key] >= 0, key
     assert set(m["fewshot_precision"]) == {"1", "2"} and set(m["classcond_precision"]) == {"0.0", "1.0"}
     assert set(m["clamp_study"]) >= {"none", "noise", "x0", "both"} and m["n_samples"] == 24
+    for res, key in ((m, "uncond_fd"), (m, "baseline_uncond_fd"), (m["clamp_study"]["none"], "fd")):
+        assert res[f"{key}_low"] <= res[key] <= res[f"{key}_high"], key
+    verdicts = {"latent DPM lower", "bare DPM lower", "no difference at this size"}
+    assert m["uncond_vs_baseline_fd"] in verdicts
+    assert m["clamp_study"]["none_vs_both_fd"] in {"none lower", "both lower", "no difference at this size"}
     assert load_latent(tiny_project / "models/latent").mlp.config["width"] == 16
     assert {"samples.png", "clamp.png", "fewshot_K1.png", "fewshot_K2.png", "classcond.png"} <= set(run.artifacts)
     assert not list((tiny_project / "checkpoints/latent").glob("*.safetensors"))
