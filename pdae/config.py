@@ -66,6 +66,7 @@ class BaselineConfig(Section):
     batch_size: int = Field(64, ge=1)
     lr: float = Field(2e-4, gt=0)
     ema_decay: float = Field(0.999, ge=0, lt=1)
+    ema_warmup: bool = True  # EMA decay min(ema_decay, (1+n)/(10+n)) at step n; the official code has none
     bf16: bool = False
     checkpoint_every: int = Field(500, ge=1)  # optimizer steps
     n_samples: int = Field(256, ge=1)
@@ -93,6 +94,7 @@ class TrainConfig(Section):
     batch_size: int = Field(64, ge=1)
     lr: float = Field(2e-4, gt=0)
     ema_decay: float = Field(0.999, ge=0, lt=1)
+    ema_warmup: bool = True  # EMA decay min(ema_decay, (1+n)/(10+n)) at step n; the official code has none
     weighting: Literal["pdae", "uniform"] = "pdae"
     gamma: float = Field(0.1, ge=0, le=1)
     hflip: bool = False
@@ -126,7 +128,7 @@ class ClassifyConfig(Section):
 
 # Latent DPM on normalised z (unconditional + few-shot generation) and the class-conditional G study.
 class LatentConfig(Section):
-    depth: int = Field(8, ge=1)  # hidden layers of the MLP (paper: 10)
+    depth: int = Field(9, ge=2)  # layers of the MLP in all, as the paper counts: depth - 1 hidden + output (paper: 10)
     width: int = Field(256, ge=4)  # hidden width (paper: 2048 for z_dim 512)
     dropout: float = Field(0.0, ge=0, lt=1)
     beta: float = Field(0.008, gt=0, lt=1)  # constant beta of the latent diffusion
@@ -137,6 +139,7 @@ class LatentConfig(Section):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     ema_decay: float = Field(0.999, ge=0, lt=1)
+    ema_warmup: bool = True  # EMA decay min(ema_decay, (1+n)/(10+n)) at step n; the official code has none
     checkpoint_every: int = Field(500, ge=1)
     clip_noise: bool = False  # clamp z_T ~ N(0, I) to [-1, 1] (official code: true)
     clip_x0: bool = False  # clamp the latent DDIM x0 prediction to [-1, 1] in normalised space (official: true)

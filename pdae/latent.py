@@ -77,13 +77,14 @@ def train_latent(
 ) -> tuple[LatentDPM, TrainResult]:  # fmt: skip
     """Train the latent DPM on raw train codes z (N, z_dim); returns (LatentDPM with EMA weights, CPU; result)."""
     torch.manual_seed(seed)
-    mlp = LatentMLP(z.shape[1], cfg.depth, cfg.width, dropout=cfg.dropout)
+    mlp = LatentMLP(z.shape[1], cfg.depth - 1, cfg.width, dropout=cfg.dropout)  # depth counts the output layer
     dpm = LatentDPM(mlp, mean, std, cfg.beta, cfg.T)
     spec = TrainSpec(
         images=cfg.images,
         batch_size=min(cfg.batch_size, z.shape[0]),
         lr=cfg.lr,
         ema_decay=cfg.ema_decay,
+        ema_warmup=cfg.ema_warmup,
         checkpoint_every=cfg.checkpoint_every,
         seed=seed,
         optimizer="adamw",

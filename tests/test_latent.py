@@ -68,6 +68,8 @@ def test_latent_loss_finite_and_decreasing():
     losses = [h[2] for h in result.history]
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < 0.8 * losses[0]
     assert not dpm.training and torch.allclose(dpm.denormalise(dpm.normalise(z)), z, atol=1e-5)
+    # latent.depth counts every layer as the paper does: TINY's depth 2 is one hidden layer + the output layer
+    assert cfg.depth == 2 and len(dpm.mlp.layers) == 1 and dpm.mlp.out.out_features == 4
 
 
 def test_save_load_round_trip(tmp_path):
