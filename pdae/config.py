@@ -95,6 +95,7 @@ class TrainConfig(Section):
     lr: float = Field(2e-4, gt=0)
     ema_decay: float = Field(0.999, ge=0, lt=1)
     ema_warmup: bool = True  # EMA decay min(ema_decay, (1+n)/(10+n)) at step n; the official code has none
+    g_skip_norm: Literal["separate", "joint"] = "separate"  # G's norm of cat(hidden, skip); official code: joint
     weighting: Literal["pdae", "uniform"] = "pdae"
     gamma: float = Field(0.1, ge=0, le=1)
     hflip: bool = False
