@@ -49,7 +49,7 @@ def print_tables(metrics: dict[str, Any]) -> None:
         inv = metrics.get("inversion_steps")
         table = Table(title=f"Reconstruction of {metrics['n_images']} test images (x_T inversion steps: {inv})")
         for col in ("T", "model", "latent dim", "SSIM ↑", "LPIPS ↓", "MSE ↓"):
-            table.add_column(col, justify="left" if col == "model" else "right")
+            table.add_column(col, justify="left" if col == "model" else "right", no_wrap=col == "model")
         for r in table_rows(metrics):
             cells = [fmt(r.get(k)) if r.get(f"{k}_sd") is None else f"{fmt(r[k])} ± {fmt(r[f'{k}_sd'])}"
                      for k in ("ssim", "lpips", "mse")]  # fmt: skip
