@@ -178,3 +178,20 @@ def test_stage_writes_outputs_and_logs_models(tiny_project, mlflow_tmp, monkeypa
     assert (pdae_dir / "pdae.safetensors").is_file() and (base / "config.json").is_file()
     model_dir = Path(mlflow.artifacts.download_artifacts(f"runs:/{run.info.run_id}/encoder"))
     assert (model_dir / "MLmodel").is_file() and not list(model_dir.rglob("*.pkl"))  # nothing pickled
+
+
+def test_random_xt_fid_set_reuses_the_tables_decode_of_the_whole_split(tiny_project, flush_denormals, monkeypatch):
+    from pdae.metrics import mse
+
+    monkeypatch.setattr("pdae.metrics.inception_features", lambda images, *a, **k: (images.flatten(1).float(), "fake"))
+    model, schedule = load_run(tiny_project / "models/baseline", tiny_project / "models/pdae")
+    cfg = EvaluateConfig(**{**TINY, "steps": [2], "n_images": None, "metrics": ["mse", "fid"], "gap_images": 2})
+    result = evaluate_run(model, schedule, tiny_project / "data/prepared", cfg, seed=1)
+    m = result.metrics
+    n_test = len(load_split(tiny_project / "data/prepared", "test")[0])
+    assert m["n_images"] == n_test and m["fid_settings"]["random_xT_set"] == "shared with the reconstruction table"
+    rec, real = result.fid_images["random_xT_reconstructions"], result.fid_images["real_test"]
+    assert len(rec) == len(real) == n_test  # the same images in the same order as the table's rows
+    table_mse = m["reconstruction"]["T2"]["pdae_random"]["mse"]
+    assert mse(rec, real).mean().item() == pytest.approx(table_mse, rel=1e-6)
+    assert m["reconstruction"]["T2"]["pdae_random"]["mse_sd"] == pytest.approx(mse(rec, real).double().std().item())
