@@ -97,7 +97,7 @@ def evaluate_cmd(
     """Evaluate a trained run: reconstruction table (SSIM, LPIPS, MSE vs the bare DPM), FID/KID sets, gap curve.
 
     Defaults (in brackets): the whole test split, 1000 generated images per FID set, the whole train split as the
-    FID reference; on the embedded 16x16 digits run that is about 10 minutes on 2 CPU cores.
+    FID reference; on the embedded 16x16 digits run that is about 12 minutes on 2 CPU cores (docs/evaluation.md).
     """
     import time
 
