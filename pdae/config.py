@@ -118,6 +118,7 @@ class BaselineConfig(Section):
     batch_size: int = Field(64, ge=1)
     lr: float = Field(2e-4, gt=0)
     ema_decay: float = Field(0.999, ge=0, lt=1)
+    ema_warmup: bool = True  # EMA decay min(ema_decay, (1+n)/(10+n)) at step n; the official code has none
     bf16: bool = False
     checkpoint_every: int = Field(500, ge=1)  # optimizer steps
     n_samples: int = Field(256, ge=1)
@@ -147,6 +148,8 @@ class TrainConfig(Section):
     batch_size: int = Field(64, ge=1)
     lr: float = Field(2e-4, gt=0)
     ema_decay: float = Field(0.999, ge=0, lt=1)
+    ema_warmup: bool = True  # EMA decay min(ema_decay, (1+n)/(10+n)) at step n; the official code has none
+    g_skip_norm: Literal["separate", "joint"] = "separate"  # G's norm of cat(hidden, skip); official code: joint
     weighting: Literal["pdae", "uniform"] = "pdae"
     gamma: float = Field(0.1, ge=0, le=1)
     hflip: bool = False
@@ -180,7 +183,7 @@ class ClassifyConfig(Section):
 
 # Latent DPM on normalised z (unconditional + few-shot generation) and the class-conditional G study.
 class LatentConfig(Section):
-    depth: int = Field(8, ge=1)  # hidden layers of the MLP (paper: 10)
+    depth: int = Field(9, ge=2)  # layers of the MLP in all, as the paper counts: depth - 1 hidden + output (paper: 10)
     width: int = Field(256, ge=4)  # hidden width (paper: 2048 for z_dim 512)
     dropout: float = Field(0.0, ge=0, lt=1)
     beta: float = Field(0.008, gt=0, lt=1)  # constant beta of the latent diffusion
@@ -191,6 +194,7 @@ class LatentConfig(Section):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     ema_decay: float = Field(0.999, ge=0, lt=1)
+    ema_warmup: bool = True  # EMA decay min(ema_decay, (1+n)/(10+n)) at step n; the official code has none
     checkpoint_every: int = Field(500, ge=1)
     clip_noise: bool = False  # clamp z_T ~ N(0, I) to [-1, 1] (official code: true)
     clip_x0: bool = False  # clamp the latent DDIM x0 prediction to [-1, 1] in normalised space (official: true)
@@ -215,15 +219,17 @@ class LatentConfig(Section):
 # Evaluation: reconstruction table, FID/KID sets, gap curve, report and the served encoder (sized for 2 CPU cores).
 class EvaluateConfig(Section):
     steps: list[int] = Field(default_factory=lambda: [10, 20, 50, 100], min_length=1)  # decoding steps T
-    inversion_steps: int | None = Field(None, ge=1, le=1000)  # None: T-step inversion per T; else one shared
-    n_images: int = Field(32, ge=2)  # test images in the reconstruction table
+    inversion_steps: int | None = Field(100, ge=1, le=1000)  # None: T-step inversion per T; else one shared
+    n_images: int | None = Field(None, ge=2)  # test images in the reconstruction table (None: the whole split)
     metrics: list[Literal["ssim", "mse", "lpips", "fid"]] = Field(
         default_factory=lambda: ["ssim", "mse", "lpips", "fid"], min_length=1
     )
-    fid_samples: int = Field(50, ge=2)  # images per generated FID/KID set
-    fid_real: int = Field(100, ge=2)  # real reference images (train split)
+    fid_samples: int = Field(1000, ge=3)  # images per generated FID/KID set
+    fid_real: int | None = Field(None, ge=3)  # real reference images (train split; None: all of it)
     fid_steps: int = Field(50, ge=1, le=1000)  # DDIM steps of every generated FID/KID set
-    gap_images: int = Field(32, ge=1)
+    kid_subset_size: int = Field(100, ge=2)  # torch-fidelity KID subsets (kept below the smallest set size)
+    n_boot: int = Field(100, ge=2)  # bootstrap resamples of every interval (FID, KID, classifier FD, gap)
+    gap_images: int | None = Field(None, ge=1)  # test images of the gap curve (None: the whole split)
     batch_size: int = Field(256, ge=1)
     log_models: bool = True  # log models/ + the served encoder (pyfunc) to the MLflow run
 

@@ -249,7 +249,8 @@ def test_fid_kid_match_torch_fidelity_calculate_metrics() -> None:
     )  # fmt: skip
     assert ours["fid"] > 1.0
     assert ours["fid"] == pytest.approx(theirs["frechet_inception_distance"], rel=1e-6)
-    assert ours["kid_mean"] == pytest.approx(theirs["kernel_inception_distance_mean"], rel=1e-5, abs=1e-9)
+    # ours runs the extractor channels-last (float32 rounding differs); KID of 4 images cancels to ~1e-2: rel 1e-4
+    assert ours["kid_mean"] == pytest.approx(theirs["kernel_inception_distance_mean"], rel=1e-4, abs=1e-9)
 
 
 def test_inception_weights_path_cannot_be_given(tmp_path) -> None:
