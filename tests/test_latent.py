@@ -214,13 +214,15 @@ class _RecordingRun:
 
 def _run_stage(tiny_project: Path, monkeypatch, extra: str = "") -> tuple[dict, _RecordingRun]:
     monkeypatch.chdir(tiny_project)
-    (tiny_project / "params.yaml").write_text(
+    text = (
         "base:\n  image_size: 8\n  threads: 1\n  device: cpu\n"
         "latent:\n  depth: 2\n  width: 16\n  images: 256\n  batch_size: 64\n  latent_steps: 3\n  steps: 2\n"
         "  n_samples: 24\n  study_samples: 12\n  fewshot_k: [1, 2]\n  fewshot_samples: 2\n  fewshot_draws: 40\n"
         "  classcond_images: 32\n  classcond_batch_size: 16\n  classcond_scales: [0.0, 1.0]\n  classcond_samples: 1\n"
-        + extra
     )
+    replaced = {line.split(":")[0] for line in extra.splitlines() if line.strip()}  # duplicate keys are an error
+    text = "".join(line for line in text.splitlines(keepends=True) if line.split(":")[0] not in replaced)
+    (tiny_project / "params.yaml").write_text(text + extra)
     run = _RecordingRun()
     monkeypatch.setattr("pdae.stage.stage_run", lambda name, params=None: contextlib.nullcontext(run))
     spec = importlib.util.spec_from_file_location("latent_stage", ROOT / "stages/latent.py")

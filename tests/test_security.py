@@ -90,7 +90,7 @@ def test_pdae_evaluate_with_a_poisoned_cache_refuses_in_one_line(tiny_project: P
 
     marker = tiny_project / "pwned"
     write_evil_checkpoint(inception.standard_weights_path(), marker)
-    args = ["evaluate", "--metrics", "fid", "--fid-samples", "2", "--fid-real", "2", "--fid-steps", "1"]
+    args = ["evaluate", "--metrics", "fid", "--fid-samples", "3", "--fid-real", "3", "--fid-steps", "1"]
     with in_project(tiny_project, {"PDAE_TRACKING": "off", "HF_HUB_OFFLINE": "1"}):
         res = CliRunner().invoke(app, [*args, "--threads", "1", "--device", "cpu"])
     assert res.exit_code == 1, res.output

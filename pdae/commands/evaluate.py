@@ -89,13 +89,13 @@ def evaluate_cmd(
     ),
     metrics: str | None = typer.Option(None, "--metrics", help="Comma-separated subset of ssim,mse,lpips,fid."),
     fid_samples: int | None = options.count(
-        None, "--fid-samples", help="Images per generated FID set [1000].", low=2, high=options.MAX_IMAGES
+        None, "--fid-samples", help="Images per generated FID set [1000].", low=3, high=options.MAX_IMAGES
     ),
     fid_real: int | None = options.count(
-        None, "--fid-real", help="Real reference images for FID [all train].", low=2, high=options.MAX_IMAGES
+        None, "--fid-real", help="Real reference images for FID [all train].", low=3, high=options.MAX_IMAGES
     ),
     n_boot: int | None = options.count(
-        None, "--n-boot", help="Bootstrap resamples of every interval [100].", low=10, high=100_000
+        None, "--n-boot", help="Bootstrap resamples of every interval [100].", low=2, high=100_000
     ),
     fid_steps: int | None = options.count(None, "--fid-steps", help="DDIM steps of the FID sets [50].", high=1000),
     out: Path | None = options.out_file(None, "--out", "-o", help="Write the metrics JSON to this file."),
