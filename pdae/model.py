@@ -473,3 +473,22 @@ class DiffusionAutoencoder:
             )  # fmt: skip
         images = from_batch(out, ImageForm("pt"), output_type)
         return (images, z) if return_z else images
+
+
+def is_model_folder(path: str | os.PathLike) -> bool:
+    """True for a local folder written by save_pretrained / `pdae export` (its config.json has our format)."""
+    cfg = Path(path) / CONFIG_NAME
+    return cfg.is_file() and _read_json(cfg).get("format") == FORMAT
+
+
+def open_model(
+    baseline: str | os.PathLike,
+    pdae: str | os.PathLike,
+    device: torch.device | str | None = None,
+    **optional: Any,
+) -> DiffusionAutoencoder:
+    """The commands' loader: `pdae` is either an exported model folder (then `baseline` and `optional` are not
+    needed) or the run's models/pdae next to `baseline` (optional: latent, stats, classifier, sampling)."""
+    if is_model_folder(pdae):
+        return DiffusionAutoencoder.from_pretrained(pdae, device=device)
+    return DiffusionAutoencoder.from_run(baseline, pdae, device=device, **optional)

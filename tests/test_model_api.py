@@ -262,3 +262,30 @@ def test_export_missing_run_and_partial_components(run_dir):
     res = runner.invoke(app, ["export", "out"])
     assert res.exit_code == 0 and "left out the latent DPM" in res.output, res.output
     assert json.loads(Path("out/config.json").read_text())["components"]["latent"] is None
+
+
+def test_commands_accept_an_exported_folder(run_dir):
+    """--pdae EXPORT gives the same outputs as the run's folders (both load through DiffusionAutoencoder)."""
+    _export("exported")
+    common = ["--index", "1", "--steps", "3", "--threads", "1", "--device", "cpu"]
+    for pdae_dir, out in (("models/pdae", "a.png"), ("exported", "b.png")):
+        res = runner.invoke(app, ["reconstruct", *common, "--pdae", pdae_dir, "--out", out])
+        assert res.exit_code == 0, res.output
+        res = runner.invoke(app, ["encode", "photos", "--pdae", pdae_dir, "--threads", "1", "-o", f"{out}.z"])
+        assert res.exit_code == 1 and "image not found: photos" in res.output  # same input checks either way
+    assert Path("a.png").read_bytes() == Path("b.png").read_bytes()
+    res = runner.invoke(app, ["interpolate", "-i", "0", "-i", "1", "--steps", "2", "--frames", "2", "--device", "cpu",
+                              "--pdae", "exported", "--baseline", "nowhere", "-o", "i.png"])  # fmt: skip
+    assert res.exit_code == 0 and Path("i.png").is_file(), res.output
+
+
+def test_served_encoder_from_an_exported_folder(run_dir):
+    from pdae.io import load_tensors
+    from pdae.serve import export_encoder, load_encoder
+
+    _export("exported")
+    a = load_tensors(export_encoder("models/pdae", "enc_a") / "encoder.safetensors")
+    b = load_tensors(export_encoder("exported", "enc_b") / "encoder.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    net, cfg = load_encoder("enc_b")
+    assert cfg["z_dim"] == 8 and net(torch.zeros(1, 1, 8, 8)).shape == (1, 8)

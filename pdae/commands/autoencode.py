@@ -9,7 +9,9 @@ import typer
 from pdae.errors import PdaeError
 
 BASELINE = typer.Option(Path("models/baseline"), "--baseline", help="Baseline DPM folder (baseline stage).")
-PDAE_DIR = typer.Option(Path("models/pdae"), "--pdae", help="PDAE model folder (train stage).")
+PDAE_DIR = typer.Option(
+    Path("models/pdae"), "--pdae", help="PDAE model folder (train stage), or a folder from `pdae export`."
+)
 DATA = typer.Option(Path("data/prepared"), "--data", help="Prepared data folder (prepare stage).")
 DEVICE = typer.Option("auto", "--device", help="auto | cpu | cuda.")
 SEED = typer.Option(0, "--seed", help="Random seed (random x_T, sample subsets).")
@@ -25,10 +27,12 @@ def prepare(seed: int, threads: int, device: str):
 
 
 def load(baseline: Path, pdae_dir: Path, device):
-    """(model, schedule); a missing folder names the stage to run."""
-    from pdae.evaluate import load_run
+    """(model, schedule) of the run's folders, or of an exported model folder given as --pdae; a missing folder
+    names the stage to run."""
+    from pdae.model import open_model
 
-    return load_run(baseline, pdae_dir, device)
+    ae = open_model(baseline, pdae_dir, device)
+    return ae.model, ae.schedule
 
 
 def console(stderr: bool = False):

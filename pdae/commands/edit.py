@@ -14,7 +14,7 @@ STEPS = typer.Option(100, "--steps", min=1, max=1000, help="DDIM steps for the i
 DEVICE = typer.Option("auto", "--device", help="auto | cpu | cuda.")
 ZOOM = typer.Option(4, "--zoom", min=1, max=64, help="Integer upscaling of the written PNG.")
 BASELINE = typer.Option(Path("models/baseline"), "--baseline", help="Frozen DPM folder (baseline stage).")
-PDAE_DIR = typer.Option(Path("models/pdae"), "--pdae", help="PDAE folder (train stage).")
+PDAE_DIR = typer.Option(Path("models/pdae"), "--pdae", help="PDAE folder (train stage), or a `pdae export` folder.")
 PREPARED = typer.Option(Path("data/prepared"), "--prepared", help="Prepared data folder (for --index).")
 
 
@@ -45,10 +45,11 @@ def _load_sources(
 
 
 def _models(baseline: Path, pdae_dir: Path, device: str):
-    from pdae.autoencode import load_models
-    from pdae.runtime import resolve_device
+    """(model, schedule) of the run's folders, or of an exported model folder given as --pdae."""
+    from pdae.model import open_model
 
-    return load_models(baseline, pdae_dir, resolve_device(device))
+    ae = open_model(baseline, pdae_dir, device)
+    return ae.model, ae.schedule
 
 
 def manipulate_cmd(
