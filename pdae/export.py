@@ -222,9 +222,9 @@ def _offline() -> bool:
 
 def check_push(repo_id: str) -> str:
     """The Hub token for uploading to `repo_id`, or a PdaeError saying what is missing (checked before exporting)."""
-    from pdae.model import _HUB_ID
+    from pdae.model_io import HUB_ID
 
-    if not _HUB_ID.fullmatch(repo_id):
+    if not HUB_ID.fullmatch(repo_id):
         raise PdaeError(f"--push '{repo_id}' is not a Hub repo id; use owner/name.")
     if _offline():
         raise PdaeError("cannot push: HF_HUB_OFFLINE is set; unset it (and log in) to upload to the Hub.")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -32,39 +31,16 @@ from torch import Tensor
 
 from pdae.errors import PdaeError
 from pdae.inputs import ImageForm, from_batch, to_batch
-
-FORMAT = "pdae-autoencoder-v1"
-CONFIG_NAME = "config.json"
-STATS_NAME = "stats.safetensors"
-SAMPLING_DEFAULTS = {"steps": 50, "latent_steps": 50, "clip_noise": False, "clip_x0": False, "shift_fraction": 1.0}
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
-
-
-def _read_json(path: Path) -> dict:
-    from pdae.io import read_json
-
-    return read_json(path, what="config") if path.is_file() else {}
-
-
-def resolve_source(source: str | os.PathLike, **hub: Any) -> Path:
-    """A local folder for `source`: the folder itself, or a Hub repo id fetched with huggingface_hub."""
-    path = Path(source)
-    if path.exists():
-        if not path.is_dir():
-            raise PdaeError(f"{path} is a file; pass the folder written by save_pretrained or `pdae export`.")
-        return path
-    if not _HUB_ID.fullmatch(str(source)):
-        raise PdaeError(f"model folder not found: {source}; pass a folder from `pdae export` or a Hub id owner/name.")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(str(source), library_name="pdae", **hub))
-    except Exception as err:  # huggingface_hub raises many types (offline, 404, auth, network)
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise PdaeError(
-            f"cannot get '{source}' from the Hugging Face Hub ({first}); check the id and your network "
-            "(HF_HUB_OFFLINE, HF_TOKEN) or pass a local folder."
-        ) from None
+from pdae.model_io import (  # noqa: F401  (re-exported: the folder format's names)
+    CONFIG_NAME,
+    FORMAT,
+    SAMPLING_DEFAULTS,
+    is_model_folder,
+    read_folder,
+    read_run,
+    resolve_source,
+    write_components,
+)
 
 
 class DiffusionAutoencoder:
@@ -112,24 +88,7 @@ class DiffusionAutoencoder:
     ) -> DiffusionAutoencoder:
         """From the pipeline's outputs: models/baseline, models/pdae and optionally models/latent,
         latents/stats.safetensors, models/classifier (missing required folders name the stage to run)."""
-        from pdae.evaluate import load_run
-        from pdae.probes import CONFIG_NAME as DIR_CONFIG
-        from pdae.probes import AttributeDirections, Normaliser
-
-        model, schedule = load_run(baseline, pdae)
-        sched_cfg = _read_json(Path(baseline) / "scheduler_config.json") or None
-        lat = None
-        if latent is not None:
-            from pdae.latent import load_latent
-
-            lat = load_latent(latent)
-        norm = Normaliser.from_stats(stats) if stats is not None else None
-        dirs, extra = None, {}
-        if classifier is not None:
-            dirs = AttributeDirections.load(classifier)
-            extra = {k: v for k, v in _read_json(Path(classifier) / DIR_CONFIG).items() if k not in ("format",)}
-            extra.pop("attributes", None)
-        ae = cls(model, schedule, sched_cfg, lat, norm, dirs, extra, sampling)
+        ae = cls(**read_run(baseline, pdae, latent, stats, classifier), sampling=sampling)
         ae._check()
         return ae.to(device, torch_dtype)
 
@@ -146,37 +105,9 @@ class DiffusionAutoencoder:
         local_files_only: bool = False,
     ) -> DiffusionAutoencoder:
         """Load a folder written by `save_pretrained` / `pdae export`, or a Hub repo id (downloaded once, cached)."""
-        from pdae.baseline import load_schedule
-        from pdae.latent import load_latent
-        from pdae.nets.pdae import load_backbone, load_pdae
-        from pdae.probes import AttributeDirections, Normaliser
-
         hub = dict(revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only)
-        root = resolve_source(source, **hub)
-        cfg = _read_json(root / CONFIG_NAME)
-        if cfg.get("format") != FORMAT:
-            raise PdaeError(
-                f"{root / CONFIG_NAME} is not a {FORMAT} config (found format {cfg.get('format')!r}); pass a folder "
-                "written by save_pretrained or `pdae export`."
-            )
-        parts = cfg.get("components") or {}
-
-        def sub(name: str) -> Path | None:
-            return root / parts[name] if parts.get(name) else None
-
-        backbone = load_backbone(root, subfolder=parts.get("unet", "unet"))
-        model = load_pdae(sub("pdae") or root / "pdae", backbone)
-        sched_dir = sub("scheduler") or root / "scheduler"
-        schedule = load_schedule(sched_dir)
-        lat = load_latent(sub("latent")) if sub("latent") else None
-        norm = Normaliser.from_stats(sub("stats") / STATS_NAME) if sub("stats") else None
-        dirs, extra = None, {}
-        if sub("directions"):
-            dirs = AttributeDirections.load(sub("directions"))
-            extra = {k: v for k, v in _read_json(sub("directions") / "config.json").items()}
-            extra = {k: v for k, v in extra.items() if k not in ("format", "attributes")}
-        sched_cfg = _read_json(sched_dir / "scheduler_config.json") or None
-        ae = cls(model, schedule, sched_cfg, lat, norm, dirs, extra, cfg.get("sampling"))
+        parts, sampling = read_folder(resolve_source(source, **hub))
+        ae = cls(**parts, sampling=sampling)
         ae._check()
         return ae.to(device, torch_dtype)
 
@@ -215,27 +146,13 @@ class DiffusionAutoencoder:
 
     def save_pretrained(self, folder: str | os.PathLike) -> Path:
         """Write the folder (see module doc) atomically; an existing non-empty folder must be an earlier save."""
-        from pdae.io import save_tensors, write_json
-        from pdae.latent import save_latent
-        from pdae.nets.pdae import save_pdae
-
         folder = Path(folder)
-        if folder.exists() and any(folder.iterdir()) and _read_json(folder / CONFIG_NAME).get("format") != FORMAT:
+        if folder.exists() and any(folder.iterdir()) and not is_model_folder(folder):
             raise PdaeError(f"{folder} exists and is not an earlier model folder; pass a new or empty folder.")
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
         try:
-            self.model.backbone.unet.save_pretrained(tmp / "unet", safe_serialization=True)
-            write_json(tmp / "scheduler" / "scheduler_config.json", self.scheduler_config)
-            save_pdae(self.model, tmp / "pdae")
-            if self.latent is not None:
-                save_latent(self.latent, tmp / "latent")
-            if self.stats is not None:
-                save_tensors(tmp / "stats" / STATS_NAME, {"mean": self.stats.mean, "std": self.stats.std})
-                write_json(tmp / "stats" / "config.json", {"format": "pdae-stats-v1", "z_dim": self.stats.dim})
-            if self.directions is not None:
-                self.directions.save(tmp / "directions", extra=self.directions_extra)
-            write_json(tmp / CONFIG_NAME, self.config())
+            write_components(self, tmp)
             os.chmod(tmp, 0o755)
             if folder.exists():
                 shutil.rmtree(folder)
@@ -473,12 +390,6 @@ class DiffusionAutoencoder:
             )  # fmt: skip
         images = from_batch(out, ImageForm("pt"), output_type)
         return (images, z) if return_z else images
-
-
-def is_model_folder(path: str | os.PathLike) -> bool:
-    """True for a local folder written by save_pretrained / `pdae export` (its config.json has our format)."""
-    cfg = Path(path) / CONFIG_NAME
-    return cfg.is_file() and _read_json(cfg).get("format") == FORMAT
 
 
 def open_model(

@@ -16,6 +16,7 @@ import torch
 from typer.testing import CliRunner
 
 from pdae.cli import app
+from pdae.errors import PdaeError
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
@@ -289,3 +290,20 @@ def test_served_encoder_from_an_exported_folder(run_dir):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     net, cfg = load_encoder("enc_b")
     assert cfg["z_dim"] == 8 and net(torch.zeros(1, 1, 8, 8)).shape == (1, 8)
+
+
+def test_hub_id_resolves_through_the_huggingface_cache(run_dir, tmp_path, monkeypatch):
+    """A Hub id goes through huggingface_hub.snapshot_download; offline it is served from the cache layout."""
+    from pdae.model import DiffusionAutoencoder
+
+    folder, sha = _export(), "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--someone--tiny-pdae"
+    shutil.copytree(folder, repo / "snapshots" / sha)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    ae = DiffusionAutoencoder.from_pretrained("someone/tiny-pdae", cache_dir=tmp_path / "hub")
+    x = torch.zeros(1, 1, 8, 8)
+    assert torch.equal(ae.encode(x), DiffusionAutoencoder.from_pretrained(folder).encode(x))
+    with pytest.raises(PdaeError, match="revision"):
+        DiffusionAutoencoder.from_pretrained("someone/tiny-pdae", cache_dir=tmp_path / "hub", revision="v2")
