@@ -111,6 +111,10 @@ def to_batch(images: Any, size: int, channels: int) -> tuple[Tensor, ImageForm]:
                 f"image tensor of shape {tuple(images.shape)} does not match the model input ({channels}, {size}, "
                 f"{size}); pass (N, C, H, W) in [-1, 1] or a PIL image / file to be resized."
             )
+        if not x.is_floating_point():  # uint8 tensors hold [0, 255]
+            from pdae.data.base import uint8_to_unit
+
+            x = uint8_to_unit(x)
         return x.float().cpu().contiguous(), ImageForm("pt", single)
     if isinstance(images, np.ndarray):
         return _from_array(images, size, channels)

@@ -183,12 +183,14 @@ def test_image_forms_in_and_out(run_dir, tmp_path):
     photos.mkdir()
     for i, im in enumerate(pils):
         im.save(photos / f"{i}.png")
-    for given in (hwc, u8.numpy(), pils, [photos / "0.png", photos / "1.png"], str(photos)):
+    for given in (hwc, u8.numpy(), u8, pils, [photos / "0.png", photos / "1.png"], str(photos)):
         assert torch.equal(ae.encode(given), z), type(given)
     big = pils[0].resize((32, 32), Image.Resampling.NEAREST)  # resized back like the training data
     assert ae.encode(big).shape == (1, 8)
     rec = ae.reconstruct(hwc, steps=3)
     assert isinstance(rec, np.ndarray) and rec.dtype == np.uint8 and rec.shape == (2, 8, 8, 1)
+    flt = ae.reconstruct(x[:2].numpy(), steps=3)  # float channels-first array in, same form out
+    assert flt.dtype == np.float32 and flt.shape == (2, 1, 8, 8) and -1 <= flt.min() and flt.max() <= 1
     one = ae.reconstruct(pils[0], steps=3)
     assert isinstance(one, Image.Image) and one.size == (8, 8) and one.mode == "L"
     grid = ae.manipulate(pils, "digit_0", scale=[0.0, 1.0], steps=3)
