@@ -68,11 +68,16 @@ def read_run(
     classifier: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """The DiffusionAutoencoder constructor's components from a run's output folders (None: left out)."""
-    from pdae.evaluate import load_run
+    from pdae.baseline import load_schedule
+    from pdae.evaluate import require_dir
     from pdae.latent import load_latent
+    from pdae.nets.pdae import load_backbone, load_pdae
     from pdae.probes import Normaliser
 
-    model, schedule = load_run(baseline, pdae)
+    # The baseline may also be a hub id already in the local cache (pdae.nets.backbone.load_backbone).
+    hub_id = not Path(baseline).exists() and HUB_ID.fullmatch(str(baseline))
+    backbone = load_backbone(baseline if hub_id else require_dir(baseline, "baseline"))
+    model, schedule = load_pdae(require_dir(pdae, "pdae"), backbone), load_schedule(baseline)
     dirs, extra = _directions(Path(classifier)) if classifier is not None else (None, {})
     return {
         "model": model,
