@@ -280,6 +280,11 @@ def test_commands_accept_an_exported_folder(run_dir):
     res = runner.invoke(app, ["interpolate", "-i", "0", "-i", "1", "--steps", "2", "--frames", "2", "--device", "cpu",
                               "--pdae", "exported", "--baseline", "nowhere", "-o", "i.png"])  # fmt: skip
     assert res.exit_code == 0 and Path("i.png").is_file(), res.output
+    shutil.move("models", "moved")  # the exported folder alone carries the latent DPM and the directions
+    for cmd in (["sample", "--n", "2", "--steps", "2"], ["manipulate", "-i", "0", "-a", "digit_1", "--steps", "2"]):
+        res = runner.invoke(app, [*cmd, "--pdae", "exported", "--device", "cpu", "-o", "x.png"])
+        assert res.exit_code == 0 and Path("x.png").is_file(), res.output
+        Path("x.png").unlink()
 
 
 def test_served_encoder_from_an_exported_folder(run_dir):

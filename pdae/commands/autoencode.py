@@ -157,7 +157,10 @@ def sample_cmd(
     from pdae.config import LatentConfig, load_params
     from pdae.evaluate import LatentSampling, latent_dpm_samples
     from pdae.io import save_image_grid, save_tensors
+    from pdae.model import is_model_folder
 
+    if is_model_folder(pdae_dir):  # an exported model carries its own latent DPM
+        latent = pdae_dir / "latent"
     if not latent.is_dir():
         raise PdaeError(f"latent DPM folder not found: {latent} — run the latent stage (dvc repro latent) first.")
     lat = load_params(params, sections=["latent"])["latent"] if params.is_file() else LatentConfig()

@@ -76,8 +76,11 @@ def manipulate_cmd(
 
     from pdae.edit import manipulate
     from pdae.io import save_image_grid
+    from pdae.model import is_model_folder
     from pdae.probes import AttributeDirections, Normaliser
 
+    if is_model_folder(pdae_dir):  # an exported model carries its own directions (with their z statistics)
+        classifier = pdae_dir / "directions"
     directions = AttributeDirections.load(classifier)
     direction = directions.direction(attr)
     norm = Normaliser.from_stats(stats) if stats is not None else directions.normaliser
