@@ -84,7 +84,10 @@ def test_export_folder_format_and_card(run_dir):
 
     for a, b in (("pdae/pdae.safetensors", "models/pdae/pdae.safetensors"),
                  ("latent/latent.safetensors", "models/latent/latent.safetensors"),
-                 ("stats/stats.safetensors", "latents/stats.safetensors")):  # fmt: skip
+                 ("stats/stats.safetensors", "latents/stats.safetensors"),
+                 ("directions/directions.safetensors", "models/classifier/directions.safetensors"),
+                 ("unet/diffusion_pytorch_model.safetensors",
+                  "models/baseline/diffusion_pytorch_model.safetensors")):  # fmt: skip
         ta, tb = load_tensors(folder / a), load_tensors(run_dir / b)
         assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
