@@ -40,6 +40,7 @@ COMMAND_MODULES = [
     "pdae.commands.autoencode",
     "pdae.commands.edit",
     "pdae.commands.tools",
+    "pdae.commands.share",
 ]
 
 for _name in COMMAND_MODULES:

@@ -28,11 +28,17 @@ ENCODER_WEIGHTS, ENCODER_CONFIG, ARTIFACT_KEY = "encoder.safetensors", "encoder_
 
 
 def export_encoder(pdae_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write encoder.safetensors (E's weights, keys without the `encoder.` prefix) + encoder_config.json to out_dir."""
+    """Write encoder.safetensors (E's weights, keys without the `encoder.` prefix) + encoder_config.json to out_dir.
+
+    `pdae_dir`: the run's models/pdae or a DiffusionAutoencoder folder (`pdae export`, save_pretrained).
+    """
     from pdae.io import load_tensors, read_json, save_tensors, write_json
+    from pdae.model import is_model_folder
     from pdae.nets.pdae import CONFIG_NAME, WEIGHTS_NAME
 
     pdae_dir, out_dir = Path(pdae_dir), Path(out_dir)
+    if is_model_folder(pdae_dir):
+        pdae_dir = pdae_dir / "pdae"
     cfg = read_json(pdae_dir / CONFIG_NAME, what="PDAE config")
     if cfg.get("num_classes") is not None:
         raise PdaeError(f"{pdae_dir} holds a class-conditional model (no image encoder) — nothing to serve.")

@@ -10,7 +10,9 @@ from pdae.commands import options
 from pdae.errors import PdaeError
 
 BASELINE = typer.Option(Path("models/baseline"), "--baseline", help="Baseline DPM folder (baseline stage).")
-PDAE_DIR = typer.Option(Path("models/pdae"), "--pdae", help="PDAE model folder (train stage).")
+PDAE_DIR = typer.Option(
+    Path("models/pdae"), "--pdae", help="PDAE model folder (train stage), or a folder from `pdae export`."
+)
 DATA = typer.Option(Path("data/prepared"), "--data", help="Prepared data folder (prepare stage).")
 DEVICE = typer.Option("auto", "--device", help="auto | cpu | cuda.")
 SEED = options.seed(0, help="Random seed (random x_T, sample subsets).")
@@ -27,10 +29,12 @@ def prepare(seed: int, threads: int, device: str):
 
 
 def load(baseline: Path, pdae_dir: Path, device):
-    """(model, schedule); a missing folder names the stage to run."""
-    from pdae.evaluate import load_run
+    """(model, schedule) of the run's folders, or of an exported model folder given as --pdae; a missing folder
+    names the stage to run."""
+    from pdae.model import open_model
 
-    return load_run(baseline, pdae_dir, device)
+    ae = open_model(baseline, pdae_dir, device)
+    return ae.model, ae.schedule
 
 
 def console(stderr: bool = False):
@@ -157,7 +161,10 @@ def sample_cmd(
     from pdae.config import LatentConfig, load_params
     from pdae.evaluate import LatentSampling, latent_dpm_samples
     from pdae.io import save_image_grid, save_tensors
+    from pdae.model import is_model_folder
 
+    if is_model_folder(pdae_dir):  # an exported model carries its own latent DPM
+        latent = pdae_dir / "latent"
     if not latent.is_dir():
         raise PdaeError(f"latent DPM folder not found: {latent} — run the latent stage (dvc repro latent) first.")
     path = params or Path("params.yaml")

@@ -15,7 +15,7 @@ STEPS = options.count(100, "--steps", help="DDIM steps for the inversion and the
 DEVICE = typer.Option("auto", "--device", help="auto | cpu | cuda.")
 ZOOM = options.count(4, "--zoom", help="Integer upscaling of the written PNG.", high=options.MAX_ZOOM)
 BASELINE = typer.Option(Path("models/baseline"), "--baseline", help="Frozen DPM folder (baseline stage).")
-PDAE_DIR = typer.Option(Path("models/pdae"), "--pdae", help="PDAE folder (train stage).")
+PDAE_DIR = typer.Option(Path("models/pdae"), "--pdae", help="PDAE folder (train stage), or a `pdae export` folder.")
 PREPARED = typer.Option(Path("data/prepared"), "--prepared", help="Prepared data folder (for --index).")
 
 
@@ -46,10 +46,11 @@ def _load_sources(
 
 
 def _models(baseline: Path, pdae_dir: Path, device: str):
-    from pdae.autoencode import load_models
-    from pdae.runtime import resolve_device
+    """(model, schedule) of the run's folders, or of an exported model folder given as --pdae."""
+    from pdae.model import open_model
 
-    return load_models(baseline, pdae_dir, resolve_device(device))
+    ae = open_model(baseline, pdae_dir, device)
+    return ae.model, ae.schedule
 
 
 def manipulate_cmd(
@@ -76,8 +77,11 @@ def manipulate_cmd(
 
     from pdae.edit import manipulate
     from pdae.io import save_image_grid
+    from pdae.model import is_model_folder
     from pdae.probes import AttributeDirections, Normaliser
 
+    if is_model_folder(pdae_dir):  # an exported model carries its own directions (with their z statistics)
+        classifier = pdae_dir / "directions"
     directions = AttributeDirections.load(classifier)
     direction = directions.direction(attr)
     norm = Normaliser.from_stats(stats) if stats is not None else directions.normaliser
