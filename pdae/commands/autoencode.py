@@ -15,6 +15,7 @@ DEVICE = typer.Option("auto", "--device", help="auto | cpu | cuda.")
 SEED = typer.Option(0, "--seed", help="Random seed (random x_T, sample subsets).")
 THREADS = typer.Option(2, "--threads", help="CPU threads.")
 BATCH = typer.Option(256, "--batch-size", help="Images per network call.")
+SOLVER = typer.Option("ddim", "--solver", help="Decoding solver: ddim | dpmpp2m | dpmpp3m | unipc.")
 
 
 def prepare(seed: int, threads: int, device: str):
@@ -89,7 +90,11 @@ def reconstruct_cmd(
     image: Path | None = typer.Argument(None, help="Image file to reconstruct (or use --index)."),
     index: int | None = typer.Option(None, "--index", help="Reconstruct test image N of --data instead of a file."),
     x_t: str = typer.Option("inferred", "--x-t", help="inferred (DDIM inversion, near-exact) | random (same z)."),
-    steps: int = typer.Option(100, "--steps", help="DDIM steps for inversion and decoding."),
+    steps: int = typer.Option(100, "--steps", help="Network evaluations of the decoding (and of the inversion)."),
+    solver: str = SOLVER,
+    inversion_steps: int | None = typer.Option(
+        None, "--inversion-steps", help="DDIM inversion steps for --x-t inferred (default: --steps)."
+    ),
     out: Path = typer.Option(Path("reconstruction.png"), "--out", "-o", help="Output PNG."),
     compare: bool = typer.Option(True, "--compare/--no-compare", help="Write input | reconstruction side by side."),
     scale: int = typer.Option(4, "--scale", help="Pixel upscaling of the PNG."),
@@ -100,13 +105,15 @@ def reconstruct_cmd(
     seed: int = SEED,
     threads: int = THREADS,
 ) -> None:
-    """Autoencode one image: z = E(x0), x_T inferred or random, decode with DDIM; prints MSE and SSIM."""
+    """Autoencode one image: z = E(x0), x_T inferred (DDIM inversion) or random, decoded; prints MSE and SSIM."""
     import torch
 
     from pdae.autoencode import reconstruct
     from pdae.io import save_image_grid
     from pdae.metrics import mse, ssim
+    from pdae.solvers import check_solver
 
+    check_solver(solver)
     if x_t not in ("inferred", "random"):
         raise PdaeError(f"--x-t must be inferred or random, not '{x_t}'.")
     if (image is None) == (index is None):
@@ -126,17 +133,34 @@ def reconstruct_cmd(
             )
         x = test_x[index : index + 1]
     gen = torch.Generator().manual_seed(seed)
-    rec = reconstruct(model, x, schedule, steps, x_T=x_t, generator=gen, progress=True)
+    rec = reconstruct(
+        model,
+        x,
+        schedule,
+        steps,
+        x_T=x_t,
+        generator=gen,
+        progress=True,
+        solver=solver,
+        inversion_steps=inversion_steps,
+    )
     grid = torch.cat([x, rec]) if compare else rec
     save_image_grid(out, grid, nrow=len(grid), scale=scale)
     typer.echo(
-        f"wrote {out}  (x_T {x_t}, {steps} steps)  MSE {mse(rec, x).item():.3g}  SSIM {ssim(rec, x).item():.4f}"
+        f"wrote {out}  (x_T {x_t}, {solver} {steps} steps)  "
+        f"MSE {mse(rec, x).item():.3g}  SSIM {ssim(rec, x).item():.4f}"
     )
 
 
 def sample_cmd(
     n: int = typer.Option(16, "--n", help="Number of images."),
-    steps: int = typer.Option(50, "--steps", help="Image DDIM steps when decoding."),
+    steps: int = typer.Option(50, "--steps", help="Network evaluations when decoding the images."),
+    solver: str | None = typer.Option(
+        None, "--solver", help="Image decoding solver: ddim | dpmpp2m | dpmpp3m | unipc (default: latent.solver)."
+    ),
+    latent_solver: str | None = typer.Option(
+        None, "--latent-solver", help="The latent DPM's solver (same choices; default: latent.latent_solver)."
+    ),
     out: Path = typer.Option(Path("samples.png"), "--out", "-o", help="Output PNG grid."),
     save_z: Path | None = typer.Option(None, "--save-z", help="Also write the sampled z to this safetensors file."),
     latent: Path = typer.Option(Path("models/latent"), "--latent", help="Latent DPM folder (latent stage)."),
@@ -153,13 +177,24 @@ def sample_cmd(
     from pdae.config import LatentConfig, load_params
     from pdae.evaluate import LatentSampling, latent_dpm_samples
     from pdae.io import save_image_grid, save_tensors
+    from pdae.solvers import check_solver
 
+    for name in (solver, latent_solver):
+        if name is not None:
+            check_solver(name)
     if not latent.is_dir():
         raise PdaeError(f"latent DPM folder not found: {latent} — run the latent stage (dvc repro latent) first.")
     lat = load_params(params, sections=["latent"])["latent"] if params.is_file() else LatentConfig()
     dev = prepare(seed, threads, device)
     model, schedule = load(baseline, pdae_dir, dev)
-    sampling = LatentSampling(lat.latent_steps, lat.clip_noise, lat.clip_x0, lat.shift_fraction)
+    sampling = LatentSampling(
+        lat.latent_steps,
+        lat.clip_noise,
+        lat.clip_x0,
+        lat.shift_fraction,
+        solver or lat.solver,
+        latent_solver or lat.latent_solver,
+    )
     with console(stderr=True).status(f"sampling {n} latents and decoding them"):
         images, z, reason = latent_dpm_samples(model, schedule, latent, n, steps, sampling, seed)
     if images is None:
@@ -167,7 +202,7 @@ def sample_cmd(
     if save_z is not None:
         save_tensors(save_z, {"z": z})
     save_image_grid(out, images, nrow=math.ceil(math.sqrt(n)), scale=2)
-    typer.echo(f"wrote {out}: {n} samples ({steps} decoding steps)")
+    typer.echo(f"wrote {out}: {n} samples ({sampling.solver} {steps} decoding steps)")
 
 
 def gap_cmd(
