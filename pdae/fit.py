@@ -70,6 +70,7 @@ def train_pdae(
 
     torch.manual_seed(base.seed)
     model = PDAE(backbone, cfg.z_dim, cfg.encoder_channels, cfg.dropout, num_classes=num_classes).to(device)
+    model.gradient.grad_checkpoint = cfg.grad_checkpoint  # memory lever only: gradients are the same
     spec = TrainSpec.from_config(
         cfg,
         base.seed,

@@ -68,6 +68,8 @@ def make_scheduler(schedule: Schedule, solver: str, steps: int, device: torch.de
             solver_order=order, algorithm_type="dpmsolver++", solver_type="midpoint", **common
         )
     sched.set_timesteps(steps, device=device)
+    if len(set(sched.timesteps.tolist())) != steps:
+        raise PdaeError(f"{solver} gives repeated timesteps at {steps} steps on T = {schedule.T}; use fewer steps.")
     return sched
 
 
