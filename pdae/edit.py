@@ -164,15 +164,18 @@ def manipulation_success(
     steps: int = 100,
     batch_size: int = 256,
     progress: bool = False,
+    solver: str = "ddim",
+    inversion_steps: int | None = None,
 ) -> dict:
     """Share of images (label != k) that `scorer` assigns to class k after an edit along `class_attrs[k]`.
 
     images (N, C, H, W), labels (N,). Returns `manipulation_success` (mean over k), `per_class` {k: share}, and
     `reconstruction_agreement` (scale 0: share still classified as their own label, a sanity check).
+    x_T: DDIM inversion with `inversion_steps` (None: `steps`); decoding: `solver` with `steps` evaluations.
     """
     z = encode(model, images, batch_size)
-    x_T = invert(model, images, z, schedule, steps, batch_size, progress)
-    recon = decode(model, z, x_T, schedule, steps, batch_size=batch_size, progress=progress)
+    x_T = invert(model, images, z, schedule, inversion_steps or steps, batch_size, progress)
+    recon = decode(model, z, x_T, schedule, steps, sampler=solver, batch_size=batch_size, progress=progress)
     recon_ok = (scorer.predict_proba(recon).argmax(1) == labels).double().mean().item()
     norm, codes, xts, targets = directions.normaliser, [], [], []
     for k, name in sorted(class_attrs.items()):
@@ -184,7 +187,16 @@ def manipulation_success(
         targets.append(torch.full((int(sel.sum()),), k))
     if not codes:
         return {"manipulation_success": None, "per_class": {}, "reconstruction_agreement": recon_ok}
-    edited = decode(model, torch.cat(codes), torch.cat(xts), schedule, steps, batch_size=batch_size, progress=progress)
+    edited = decode(
+        model,
+        torch.cat(codes),
+        torch.cat(xts),
+        schedule,
+        steps,
+        sampler=solver,
+        batch_size=batch_size,
+        progress=progress,
+    )
     target = torch.cat(targets)
     hit = (scorer.predict_proba(edited).argmax(1) == target).double()
     per_class = {int(k): hit[target == k].mean().item() for k in target.unique()}

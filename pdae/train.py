@@ -1,8 +1,8 @@
 """One training loop for every trainer (baseline DPM, PDAE, latent DPM, class-conditional G).
 
 Given trainable modules, a loss callable and an in-memory dataset, it owns: seeded epoch shuffling, Adam/AdamW,
-EMA with warm-up, bf16 autocast, gradient accumulation over `accumulate` micro-batches, gradient/NaN guard, progress bar, MLflow step metrics, atomic safetensors
-checkpoints holding model/EMA/optimizer/RNG state, and automatic resume. A run resumed from its checkpoint ends
+EMA with warm-up, bf16 autocast, gradient accumulation (`accumulate` micro-batches of batch_size per optimizer
+step), gradient/NaN guard, progress bar, MLflow step metrics, atomic safetensors checkpoints holding model/EMA/optimizer/RNG state, and automatic resume. A run resumed from its checkpoint ends
 bitwise equal to an uninterrupted one (CPU, fixed thread count). Under `torchrun` (WORLD_SIZE > 1) the trainable
 modules alone are wrapped in DistributedDataParallel (gloo on CPU, nccl on CUDA) and each rank takes its share
 of every global batch.
