@@ -17,9 +17,9 @@ On CUDA the peak is `torch.cuda.max_memory_allocated` over one step instead.
 
 `--checkpointing` instead measures PDAE's step with and without gradient checkpointing of G (train.grad_checkpoint)
 at the 128 px preset's architecture (configs/ffhq128.yaml: 3-channel 128 px UNet, z_dim 512) on a small batch,
-writing p2_step_cost_checkpointing.json. With checkpointing, tensors kept for recomputation are held by the
-checkpoint, not by autograd's saved-tensor hooks, so activation memory there is the CPU allocator's bytes still
-allocated after the loss forward (torch.profiler), for both variants:
+writing p2_step_cost_checkpointing.json. With checkpointing, the inputs a block keeps for its recomputation are held
+by the checkpoint, not by autograd's saved tensors: activation memory there is the saved tensors plus those inputs
+(distinct storages, `retained_activation_bytes`), for both variants:
 
     python -m benchmarks.p2_step_cost --checkpointing [--batch 4] [--rounds 4]
 """
@@ -223,21 +223,37 @@ def run(batch_size: int = 64, rounds: int = 30, repeats: int = 2, warmup: int = 
     }
 
 
-def retained_forward_bytes(step: Stepper) -> int:
-    """Bytes the CPU allocator still holds after one loss forward, relative to its start (then the step finishes)."""
-    from torch.profiler import ProfilerActivity, profile
+def retained_activation_bytes(step: Stepper, exclude: set[int]) -> int:
+    """Bytes of the distinct non-parameter storages one loss forward keeps for backward (then the step finishes):
+    autograd's saved tensors outside checkpointed blocks, plus the inputs each checkpointed block of G holds for its
+    recomputation (counted by wrapping `torch.utils.checkpoint.checkpoint` as pdae.nets.gradient calls it)."""
+    import pdae.nets.gradient as gmod
+
+    seen: dict[int, int] = {}
+
+    def note(t: Tensor) -> Tensor:
+        st = t.untyped_storage()
+        if st.data_ptr() not in exclude:
+            seen.setdefault(st.data_ptr(), st.nbytes())
+        return t
+
+    real = gmod.checkpoint
+
+    def spy(fn: Callable, *args: Any, **kw: Any) -> Tensor:
+        for a in args:
+            if isinstance(a, Tensor):
+                note(a)
+        return real(fn, *args, **kw)
 
     step.opt.zero_grad(set_to_none=True)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        loss = step.loss()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "trace.json"
-        prof.export_chrome_trace(str(path))
-        events = json.loads(path.read_text())["traceEvents"]
-    mem = [e for e in events if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type", 0) == 0]
-    mem.sort(key=lambda e: e["ts"])
+    gmod.checkpoint = spy
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(note, lambda t: t):
+            loss = step.loss()
+    finally:
+        gmod.checkpoint = real
     step.finish(loss)
-    return int(mem[-1]["args"]["Total Allocated"]) if mem else 0
+    return sum(seen.values())
 
 
 class _Checkpointed(Stepper):
@@ -275,7 +291,7 @@ def run_checkpointing(
         s()
     exclude = _storage_ptrs([model, model.backbone])
     hooks = {k: activation_bytes(s, exclude)[0] for k, s in steppers.items()}
-    retained = {k: retained_forward_bytes(s) for k, s in steppers.items()}
+    retained = {k: retained_activation_bytes(s, exclude) for k, s in steppers.items()}
     peak = {k: peak_step_bytes(s) for k, s in steppers.items()}
     times = interleaved(dict(steppers), rounds=rounds, repeats=1, warmup=0)
     act_ratio = retained["checkpointed"] / retained["plain"]

@@ -163,6 +163,19 @@ def run(root: Path, nfes=NFE, solvers=SOLVERS, n_images=64, n_samples=500, inv_s
     }
 
 
+def report(res: dict[str, Any]) -> str:
+    from benchmarks.common import table
+
+    cols = ["random_xT_ssim", "random_xT_mse", "inferred_xT_mse", "latent_fd", "manipulation_success"]
+    cols = [c for c in cols if any(c in r for r in res["rows"])]
+    rows = [[r["solver"], r["nfe"], *[round(r[c], 4) if r.get(c) is not None else "-" for c in cols],
+             round(1000 * r["seconds_per_image"], 1)] for r in res["rows"]]  # fmt: skip
+    lines = [table(rows, ["solver", "NFE", *cols, "ms/image"])]
+    for k, v in res["targets"].items():
+        lines.append(f"{k}: {v['ratio']:.3f} (target {v['target']}) {'met' if v['met'] else 'NOT met'}")
+    return "\n".join(lines)
+
+
 def plot(res: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -214,6 +227,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     res = run(args.root, args.nfe, args.solvers, args.n_images, args.n_samples, args.inversion_steps)
     path = save_result("p6_solvers" + args.tag, res, args.out)
     plot(res, path.with_suffix(".png"))
+    print(report(res))
     print(f"wrote {path} and {path.with_suffix('.png')}")
     return res
 

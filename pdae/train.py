@@ -2,9 +2,10 @@
 
 Given trainable modules, a loss callable and an in-memory dataset, it owns: seeded epoch shuffling, Adam/AdamW,
 EMA with warm-up, bf16 autocast, gradient accumulation (`accumulate` micro-batches of batch_size per optimizer
-step), gradient/NaN guard, progress bar, MLflow step metrics, atomic safetensors checkpoints holding model/EMA/optimizer/RNG state, and automatic resume. A run resumed from its checkpoint ends
-bitwise equal to an uninterrupted one (CPU, fixed thread count). Under `torchrun` (WORLD_SIZE > 1) the trainable
-modules alone are wrapped in DistributedDataParallel (gloo on CPU, nccl on CUDA) and each rank takes its share
+step), gradient/NaN guard, progress bar, MLflow step metrics, atomic safetensors checkpoints holding
+model/EMA/optimizer/RNG state, and automatic resume. A run resumed from its checkpoint ends bitwise equal to an
+uninterrupted one (CPU, fixed thread count). Under `torchrun` (WORLD_SIZE > 1) the trainable modules alone
+are wrapped in DistributedDataParallel (gloo on CPU, nccl on CUDA) and each rank takes its share
 of every global batch.
 """
 
