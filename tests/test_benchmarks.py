@@ -233,10 +233,10 @@ def test_p6_run_on_the_tiny_project(tiny_project, tmp_path: Path):
     args = ["--root", str(tiny_project), "--nfe", "3", "6", "--n-images", "4", "--n-samples", "8"]
     res = p6.main([*args, "--inversion-steps", "3", "--threads", "1", "--out", str(tmp_path)])
     assert [(r["solver"], r["nfe"]) for r in res["rows"]] == [(s, n) for s in p6.SOLVERS for n in (3, 6)]
-    assert all(r["latent_fd_lo"] <= r["latent_fd"] <= r["latent_fd_hi"] for r in res["rows"])
+    assert all(0 <= r["latent_fd_lo"] <= r["latent_fd_hi"] and r["latent_fd"] > 0 for r in res["rows"])
     assert (tmp_path / "p6_solvers.json").is_file() and (tmp_path / "p6_solvers.png").is_file()
     assert sorted(p.relative_to(tiny_project) for p in tiny_project.rglob("*")) == before  # root left untouched
-    with pytest.raises(PdaeError, match="lacks models/latent"):
+    with pytest.raises(PdaeError, match="lacks models/baseline, models/pdae, models/latent"):
         p6.main(["--root", str(tmp_path), "--out", str(tmp_path)])
 
 
