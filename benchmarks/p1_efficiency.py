@@ -7,7 +7,9 @@ shifted loss on the frozen baseline DPM, Diff-AE-style from scratch with the pla
 on z (inferred x_T) or a fixed random x_T, DDIM-S decoding; MSE and SSIM (pdae.metrics) and class agreement of the
 label classifier. PDAE at 0 images is the pre-trained DPM itself (G == 0). Diff-AE-style is trained further than
 PDAE so that the images it needs to reach PDAE's final quality can be read off its curve (interpolated linearly in
-log(images) between checkpoints; a bound when the curve never / already crosses).
+log(images) between checkpoints; a bound when the curve never / already crosses). A metric whose ratio is
+ill-defined — a curve that is not monotone, or a quality PDAE already has at 0 images — reports "not defined" with
+the reason, computed from the curves (`not_defined`).
 
 The baseline DPM's pre-training images are counted separately (as the paper does: "130M-z512-64M"); the ratio that
 also charges them to PDAE is reported too. Data and baseline: `--prepared` / `--baseline`, else the project's
@@ -189,12 +191,59 @@ def _inverse(num: float, need: dict[str, Any]) -> dict[str, Any]:
     return {"ratio": num / need["images"], "bound": flip.get(need["bound"], "exact")}
 
 
+LABELS = {"pdae": "PDAE", "diffae": "Diff-AE-style"}
+
+
+def reversal(curve: list[tuple[int, float]], higher_better: bool) -> str | None:
+    """Where a curve [(images, value)] first gets worse with more images, as a sentence; None when it never does."""
+    pts = sorted(curve)
+    for (n0, v0), (n1, v1) in zip(pts, pts[1:], strict=False):
+        if (v1 < v0) if higher_better else (v1 > v0):
+            return f"{v0:.4g} at {n0} images -> {v1:.4g} at {n1}"
+    return None
+
+
+def not_defined(rows: dict[str, list[dict[str, Any]]], key: str, higher_better: bool) -> str | None:
+    """Why "images to reach a quality" is ill-defined for metric `key`, or None when it is defined.
+
+    Ill-defined when (a) either curve is not monotone (the images needed then depend on which crossing is taken,
+    i.e. on checkpoint noise), or (b) PDAE at 0 images (the pre-trained DPM, G == 0) already reaches PDAE's or
+    Diff-AE-style's final value (no training is needed for that quality, so there is nothing to divide by).
+    """
+    reasons = []
+    for kind in ("pdae", "diffae"):
+        rev = reversal([(r["images"], r[key]) for r in rows[kind]], higher_better)
+        if rev is not None:
+            reasons.append(f"{LABELS[kind]} curve not monotone ({rev})")
+    start = rows["pdae"][0]
+    for kind in ("pdae", "diffae"):
+        target = rows[kind][-1][key]
+        if start["images"] == 0 and images_to_reach([(0, start[key])], target, higher_better)["bound"] == "at_most":
+            reasons.append(f"PDAE at 0 images ({start[key]:.4g}) already reaches {LABELS[kind]}'s final {target:.4g}")
+    return "; ".join(reasons) or None
+
+
+def _undefined(reason: str) -> dict[str, Any]:
+    return {"ratio": None, "bound": "not defined", "reason": reason}
+
+
 def ratios(rows: dict[str, list[dict[str, Any]]], baseline_images: int | None) -> dict[str, Any]:
-    """For every metric: images Diff-AE-style needs to reach PDAE's final value (and vice versa), as ratios."""
+    """For every metric: images Diff-AE-style needs to reach PDAE's final value (and vice versa), as ratios.
+
+    Metrics for which `not_defined` gives a reason keep the final values and the reason, and every ratio is
+    {"ratio": None, "bound": "not defined", "reason": ...}.
+    """
     out: dict[str, Any] = {}
     p_final, d_final = rows["pdae"][-1], rows["diffae"][-1]
     for key, (_, higher) in METRICS.items():
         if key not in p_final:
+            continue
+        reason = not_defined(rows, key, higher)
+        if reason is not None:
+            out[key] = {"pdae_final": p_final[key], "diffae_final": d_final[key], "not_defined": reason}
+            for name in ("diffae_over_pdae", "diffae_final_over_pdae_needed", "diffae_over_pdae_plus_pretraining"):
+                out[key][name] = _undefined(reason)
+            out[key]["equal_quality"] = []
             continue
         d_need = images_to_reach([(r["images"], r[key]) for r in rows["diffae"]], p_final[key], higher)
         p_need = images_to_reach([(r["images"], r[key]) for r in rows["pdae"]], d_final[key], higher)
@@ -344,6 +393,8 @@ def run(
 
 
 def _fmt_ratio(r: dict[str, Any]) -> str:
+    if r.get("bound") == "not defined":
+        return "not defined"
     if r.get("ratio") is None:
         return "∞ (PDAE at 0 images)" if r.get("bound") == "infinite" else "—"
     sign = {"more_than": ">", "at_least": "≥", "at_most": "≤", "less_than": "<"}.get(r["bound"], "")
@@ -376,6 +427,10 @@ def report(res: dict[str, Any]) -> str:
         "Diff-AE final imgs / PDAE imgs to that",
     ]
     lines.append(table(rrows, head))
+    undefined = [f"- {k}: not defined — {res['ratios'][k]['not_defined']}" for k in keys
+                 if res["ratios"][k].get("not_defined")]  # fmt: skip
+    if undefined:
+        lines += ["", "Ratios not defined (computed from the curves):", *undefined]
     eq = res["ratios"][HEADLINE].get("equal_quality", [])
     if eq:
         shown = ", ".join(f"{e['pdae_images']}: {_fmt_ratio(e)}" for e in eq)

@@ -35,40 +35,21 @@ from benchmarks.common import ROOT, machine, save_result, table
 
 TARGET_WHOLE, TARGET_NOOP = 15 * 60.0, 2.0
 COPY = ("dvc.yaml", "params.yaml", "stages", "pdae")
-# Tiny settings per section (keys a section does not know are dropped): the chain runs in about a minute.
-TINY: dict[str, dict[str, Any]] = {
-    "base": {"image_size": 8, "threads": 1},
-    "prepare": {"classifier_epochs": 1, "classifier_width": 8},
-    "baseline": {
-        "channels": [8, 16],
-        "attention_head_dim": 8,
-        "images": 256,
-        "batch_size": 32,
-        "n_samples": 16,
-        "sample_steps": 5,
-    },
-    "train": {"z_dim": 8, "images": 256, "batch_size": 32, "eval_images": 16, "eval_steps": 5},
-    "encode": {"xT_images": 8, "xT_steps": 5},
-    "classify": {"xT_steps": 5, "manipulation_images": 2, "steps": 5, "figure_images": 2, "interpolate_pairs": 1},
-    "latent": {
-        "images": 256,
-        "n_samples": 32,
-        "steps": 5,
-        "latent_steps": 5,
-        "study_samples": 8,
-        "fewshot_samples": 2,
-        "fewshot_draws": 64,
-        "classcond_images": 64,
-        "classcond_samples": 1,
-        "classcond_scales": [0.0, 1.0],
-    },
-    "evaluate": {"steps": [5], "n_images": 8, "fid_samples": 16, "fid_real": 16, "gap_images": 4},
-}
+
+
+def _tiny(params: dict[str, Any]) -> dict[str, Any]:
+    """The tiny budget of scripts/tiny_params.py (one home, shared with CI and tests/test_pipeline.py)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tiny_params", ROOT / "scripts" / "tiny_params.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.tiny(params)
 
 
 def make_project(dst: Path, src: Path = ROOT, tiny: bool = False, overrides: list[str] | None = None) -> Path:
     """Copy the pipeline files of `src` into `dst`, apply tiny params / dotted overrides, `dvc init --no-scm`."""
-    from pdae.config import SECTIONS, apply_overrides
+    from pdae.config import apply_overrides
 
     dst.mkdir(parents=True, exist_ok=True)
     for name in COPY:
@@ -79,14 +60,17 @@ def make_project(dst: Path, src: Path = ROOT, tiny: bool = False, overrides: lis
             shutil.copy(s, dst / name)
     params = yaml.safe_load((dst / "params.yaml").read_text()) or {}
     if tiny:
-        for section, values in TINY.items():
-            if section in params and section in SECTIONS:
-                fields = SECTIONS[section].model_fields
-                params[section].update({k: v for k, v in values.items() if k in fields})
+        params = _tiny(params)
     params = apply_overrides(params, overrides)
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=dst, env=env_for(dst), check=True)
     return dst
+
+
+def _source_commit() -> str:
+    from pdae.tracking import git_commit
+
+    return os.environ.get("PDAE_GIT_COMMIT") or git_commit(ROOT)
 
 
 def env_for(project: Path) -> dict[str, str]:
@@ -99,6 +83,7 @@ def env_for(project: Path) -> dict[str, str]:
         PYTHONPATH=str(project),  # the stages import the copied library, as dvc hashes it
         MLFLOW_TRACKING_URI=f"sqlite:///{project / 'mlflow.db'}",
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        PDAE_GIT_COMMIT=_source_commit(),  # the copy has no .git; its report names the commit it was copied from
     )
     return env
 
@@ -194,7 +179,7 @@ def run(
         noop_s = statistics.median(n["seconds"] for n in noops)
         return {
             "benchmark": "P4 pipeline",
-            "params": "tiny (benchmarks.p4_pipeline.TINY)" if tiny else "embedded default (params.yaml)",
+            "params": "tiny (scripts/tiny_params.py)" if tiny else "embedded default (params.yaml)",
             "overrides": overrides or [],
             "stages": stages,
             "repro_from_empty_seconds": first["seconds"],

@@ -2,24 +2,75 @@
 
 Each params.yaml section maps to one frozen pydantic model. `load_params` validates the sections a caller reads and
 turns any problem into one PdaeError line that names the key, e.g.
-``params.yaml: train.lr: Input should be greater than 0 (got -1)``.
+``params.yaml: train.lr: Input should be greater than 0 (got -1)``. Besides each field's own bounds, one validator on
+`Section` gives every field of every section (present and future) a range: floats finite, ints bounded by name
+(seeds, layer widths, run lengths, other counts); a key given twice in params.yaml is an error.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from pdae.errors import PdaeError
 
 PARAMS_FILE = "params.yaml"
 
 
+# Ranges every section shares, applied by name to each int (and each int in a list) by `Section._ranges`; floats
+# must be finite everywhere (allow_inf_nan=False). Sizes of network layers are bounded so that a typo such as
+# z_dim: 1e23 is an error line and not an allocation attempt; any other count is bounded by MAX_COUNT.
+SEED_MAX = 2**32 - 1  # numpy's seed range (torch accepts more)
+MAX_COUNT = 2**24  # images per set, batch sizes, steps ...: far beyond a run this machine class can hold
+MAX_LENGTH = 10**10  # training lengths in images seen, iteration counts
+MAX_WIDTH = 8192  # widths and channel counts of a layer, latent dimensions
+LENGTH_FIELDS = ("images", "classcond_images", "checkpoint_every", "max_iter", "fewshot_draws")
+WIDTH_FIELDS = ("z_dim", "width", "channels", "encoder_channels", "attention_head_dim", "classifier_width")
+
+
+def _int_range(name: str) -> tuple[int, int, str]:
+    """(low, high, why) of an int field called `name` (low applies on top of the field's own bounds)."""
+    if name == "seed" or name.endswith("_seed"):
+        return 0, SEED_MAX, "the seed range of numpy and torch"
+    if name in WIDTH_FIELDS:
+        return -MAX_WIDTH, MAX_WIDTH, "a layer width this machine can allocate"
+    if name in LENGTH_FIELDS:
+        return -MAX_LENGTH, MAX_LENGTH, "a run length that can finish"
+    return -MAX_COUNT, MAX_COUNT, "a count this machine can allocate"
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _huge_floats(cls, value: Any, info: ValidationInfo) -> Any:
+        """A float too large for any int field (e.g. z_dim: 1e23) is reported as out of range, not as unparsable."""
+        items = value if isinstance(value, list) else [value]
+        for item in items:
+            if isinstance(item, float) and math.isfinite(item) and abs(item) > MAX_LENGTH:
+                annotation = str(cls.model_fields[info.field_name].annotation) if info.field_name else ""
+                if "int" in annotation and "float" not in annotation:
+                    _, high, why = _int_range(info.field_name or "")
+                    raise ValueError(f"{item:g} is out of range: it must be at most {high} ({why})")
+        return value
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _ranges(cls, value: Any, info: ValidationInfo) -> Any:
+        items = value if isinstance(value, list) else [value]
+        for item in items:
+            if isinstance(item, int) and not isinstance(item, bool):
+                low, high, why = _int_range(info.field_name or "")
+                if not low <= item <= high:
+                    shown = f"{item:.3g}" if abs(item) >= 10**12 else str(item)
+                    bound = f"in {low}..{high}" if low == 0 else f"at most {high}" if item > high else f">= {low}"
+                    raise ValueError(f"{shown} is out of range: it must be {bound} ({why})")
+        return value
 
 
 # Shared settings: seed, dataset, resolution, device and CPU threads.
@@ -52,12 +103,13 @@ class PrepareConfig(Section):
 
 # Baseline (frozen) DPM: where it comes from and, for source=train, how it is pre-trained.
 class BaselineConfig(Section):
-    source: Literal["train", "diffusers", "url", "pdae-official", "diffae"] = "train"
+    source: Literal["train", "diffusers", "url", "pdae-official", "diffae", "adm", "improved-diffusion"] = "train"
     path: str | None = None  # diffusers hub id or folder; local official checkpoint
     url: str | None = None
     sha256: str | None = None
     config: str | None = None  # official sources: PDAE config.yml path, Diff-AE config file or preset name
     sample_size: int | None = Field(None, ge=8)  # official sources: image size when the config lacks it
+    class_label: int | None = Field(None, ge=0)  # class-conditional DPMs: the label (e.g. a null label) they run with
     channels: list[int] = Field(default_factory=lambda: [32, 64, 64])
     layers_per_block: int = Field(1, ge=1)
     attention_head_dim: int = Field(16, ge=1)
@@ -66,6 +118,7 @@ class BaselineConfig(Section):
     batch_size: int = Field(64, ge=1)
     lr: float = Field(2e-4, gt=0)
     ema_decay: float = Field(0.999, ge=0, lt=1)
+    ema_warmup: bool = True  # EMA decay min(ema_decay, (1+n)/(10+n)) at step n; the official code has none
     bf16: bool = False
     checkpoint_every: int = Field(500, ge=1)  # optimizer steps
     n_samples: int = Field(256, ge=1)
@@ -73,7 +126,9 @@ class BaselineConfig(Section):
 
     @model_validator(mode="after")
     def _source_fields(self) -> BaselineConfig:
-        if self.source in ("diffusers", "pdae-official", "diffae") and not (self.path or self.url):
+        if self.source in ("diffusers", "pdae-official", "diffae", "adm", "improved-diffusion") and not (
+            self.path or self.url
+        ):
             raise ValueError(f"source '{self.source}' needs baseline.path (or baseline.url)")
         if self.source == "url" and not (self.url and self.sha256):
             raise ValueError("source 'url' needs baseline.url and baseline.sha256")
@@ -93,6 +148,8 @@ class TrainConfig(Section):
     batch_size: int = Field(64, ge=1)
     lr: float = Field(2e-4, gt=0)
     ema_decay: float = Field(0.999, ge=0, lt=1)
+    ema_warmup: bool = True  # EMA decay min(ema_decay, (1+n)/(10+n)) at step n; the official code has none
+    g_skip_norm: Literal["separate", "joint"] = "separate"  # G's norm of cat(hidden, skip); official code: joint
     weighting: Literal["pdae", "uniform"] = "pdae"
     gamma: float = Field(0.1, ge=0, le=1)
     hflip: bool = False
@@ -128,7 +185,7 @@ class ClassifyConfig(Section):
 
 # Latent DPM on normalised z (unconditional + few-shot generation) and the class-conditional G study.
 class LatentConfig(Section):
-    depth: int = Field(8, ge=1)  # hidden layers of the MLP (paper: 10)
+    depth: int = Field(9, ge=2)  # layers of the MLP in all, as the paper counts: depth - 1 hidden + output (paper: 10)
     width: int = Field(256, ge=4)  # hidden width (paper: 2048 for z_dim 512)
     dropout: float = Field(0.0, ge=0, lt=1)
     beta: float = Field(0.008, gt=0, lt=1)  # constant beta of the latent diffusion
@@ -139,6 +196,7 @@ class LatentConfig(Section):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     ema_decay: float = Field(0.999, ge=0, lt=1)
+    ema_warmup: bool = True  # EMA decay min(ema_decay, (1+n)/(10+n)) at step n; the official code has none
     checkpoint_every: int = Field(500, ge=1)
     clip_noise: bool = False  # clamp z_T ~ N(0, I) to [-1, 1] (official code: true)
     clip_x0: bool = False  # clamp the latent DDIM x0 prediction to [-1, 1] in normalised space (official: true)
@@ -165,15 +223,17 @@ class LatentConfig(Section):
 # Evaluation: reconstruction table, FID/KID sets, gap curve, report and the served encoder (sized for 2 CPU cores).
 class EvaluateConfig(Section):
     steps: list[int] = Field(default_factory=lambda: [10, 20, 50, 100], min_length=1)  # decoding steps T
-    inversion_steps: int | None = Field(None, ge=1, le=1000)  # None: T-step inversion per T; else one shared
-    n_images: int = Field(32, ge=2)  # test images in the reconstruction table
+    inversion_steps: int | None = Field(100, ge=1, le=1000)  # None: T-step inversion per T; else one shared
+    n_images: int | None = Field(None, ge=2)  # test images in the reconstruction table (None: the whole split)
     metrics: list[Literal["ssim", "mse", "lpips", "fid"]] = Field(
         default_factory=lambda: ["ssim", "mse", "lpips", "fid"], min_length=1
     )
-    fid_samples: int = Field(50, ge=2)  # images per generated FID/KID set
-    fid_real: int = Field(100, ge=2)  # real reference images (train split)
+    fid_samples: int = Field(1000, ge=3)  # images per generated FID/KID set
+    fid_real: int | None = Field(None, ge=3)  # real reference images (train split; None: all of it)
     fid_steps: int = Field(50, ge=1, le=1000)  # DDIM steps of every generated FID/KID set
-    gap_images: int = Field(32, ge=1)
+    kid_subset_size: int = Field(100, ge=2)  # torch-fidelity KID subsets (kept below the smallest set size)
+    n_boot: int = Field(100, ge=2)  # bootstrap resamples of every interval (FID, KID, classifier FD, gap)
+    gap_images: int | None = Field(None, ge=1)  # test images of the gap curve (None: the whole split)
     batch_size: int = Field(256, ge=1)
     log_models: bool = True  # log models/ + the served encoder (pyfunc) to the MLflow run
 
@@ -235,12 +295,31 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[st
     return out
 
 
+# yaml.SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last one silently).
+class _UniqueKeyLoader(yaml.SafeLoader):
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, (str, int, float, bool)) or key is None:
+                continue  # complex keys: left to the section validation
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"key '{key}' appears twice (first on line {seen[key] + 1}); keep one",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_params_file(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise PdaeError(f"params file not found: {path} — run from the project folder or pass --params.")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as err:
         mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
         detail = f"line {mark.line + 1}: {problem}" if mark is not None and problem else str(err).splitlines()[0]

@@ -26,14 +26,14 @@ def at(table: Tensor, t: Tensor, like: Tensor) -> Tensor:
 # A beta schedule with every derived table PDAE needs (posterior, shift coefficient, loss weighting).
 class Schedule:
     def __init__(self, betas: Tensor) -> None:
-        betas = torch.as_tensor(betas, dtype=torch.float64)
+        betas = torch.as_tensor(betas, dtype=torch.float64, device="cpu")
         if betas.ndim != 1 or len(betas) < 2 or not bool(((betas > 0) & (betas < 1)).all()):
             raise PdaeError("diffusion betas must be a 1-D sequence in (0, 1) with at least 2 steps.")
         self.betas = betas
         self.T = len(betas)
         self.alphas = 1.0 - betas
         self.abar = torch.cumprod(self.alphas, dim=0)
-        self.abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.abar[:-1]])
+        self.abar_prev = torch.cat([torch.ones(1, dtype=torch.float64, device="cpu"), self.abar[:-1]])
         self.sqrt_abar = self.abar.sqrt()
         self.sqrt_one_minus_abar = (1.0 - self.abar).sqrt()
         self.snr = self.abar / (1.0 - self.abar)
@@ -48,18 +48,23 @@ class Schedule:
     # ---- constructors ----
     @classmethod
     def linear(cls, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Schedule:
-        return cls(torch.linspace(beta_start, beta_end, T, dtype=torch.float64))
+        return cls(torch.linspace(beta_start, beta_end, T, dtype=torch.float64, device="cpu"))
+
+    @classmethod
+    def scaled_linear(cls, T: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> Schedule:
+        """Latent-diffusion schedule: betas linear in sqrt(beta), i.e. linspace(sqrt(b0), sqrt(b1), T) ** 2."""
+        return cls(torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float64, device="cpu") ** 2)
 
     @classmethod
     def cosine(cls, T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> Schedule:
         """Nichol & Dhariwal's cosine schedule: abar(t) = cos^2(((t/T + s) / (1 + s)) pi / 2), normalised."""
         f = [math.cos(((i / T) + s) / (1 + s) * math.pi / 2) ** 2 for i in range(T + 1)]
         betas = [min(1 - f[i + 1] / f[i], max_beta) for i in range(T)]
-        return cls(torch.tensor(betas, dtype=torch.float64))
+        return cls(torch.tensor(betas, dtype=torch.float64, device="cpu"))
 
     @classmethod
     def constant(cls, T: int = 1000, beta: float = 0.008) -> Schedule:
-        return cls(torch.full((T,), beta, dtype=torch.float64))
+        return cls(torch.full((T,), beta, dtype=torch.float64, device="cpu"))
 
     @classmethod
     def create(cls, kind: ScheduleKind, T: int = 1000, **kwargs: float) -> Schedule:
@@ -90,6 +95,17 @@ class Schedule:
 
     def eps_from_x0(self, x_t: Tensor, t: Tensor, x0: Tensor) -> Tensor:
         return (x_t - at(self.sqrt_abar, t, x_t) * x0) / at(self.sqrt_one_minus_abar, t, x_t)
+
+    def eps_from_v(self, x_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
+        """eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t, for v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0.
+
+        Derivation in docs/parameterisations.md.
+        """
+        return at(self.sqrt_abar, t, x_t) * v + at(self.sqrt_one_minus_abar, t, x_t) * x_t
+
+    def v_from_eps(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        """v = (eps - sqrt(1 - abar_t) x_t) / sqrt(abar_t), the inverse of eps_from_v."""
+        return (eps - at(self.sqrt_one_minus_abar, t, x_t) * x_t) / at(self.sqrt_abar, t, x_t)
 
     def shift(self, eps_hat: Tensor, g: Tensor, t: Tensor) -> Tensor:
         """Training / DDPM form of the PDAE shift: eps_tilde = eps_hat + c_t G."""

@@ -1,6 +1,7 @@
-"""Verified downloads: streaming, atomic (`dest.partial` then rename), resumable, sha256-checked.
+"""Verified downloads (streaming, atomic `dest.partial` then rename, resumable, sha256-checked) and safe unpacking.
 
 HTTP(S) goes through `requests`; Google Drive file links go through `gdown` (optional extra `pdae[gdrive]`).
+`extract_archive` unpacks .zip and .tar(.gz/.bz2/.xz) archives with no path escape, no links, bounded sizes.
 """
 
 from __future__ import annotations
@@ -8,6 +9,11 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
+import stat
+import tarfile
+import zipfile
+import zlib
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -18,6 +24,9 @@ CHUNK = 1 << 20
 NET_CHUNK = 1 << 16
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _GDRIVE_HOSTS = ("drive.google.com", "docs.google.com", "drive.usercontent.google.com")
+# Bounds of an unpacked archive: members, and bytes (also never more than the free disk space).
+MAX_MEMBERS = 10_000
+MAX_UNPACKED_BYTES = 64 << 30
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = CHUNK) -> str:
@@ -70,7 +79,25 @@ def download(url: str, dest: str | os.PathLike, sha256: str, progress: bool = Tr
         raise PdaeError(f"sha256 for {url} must be 64 hex digits (got {sha256!r}); copy it from the release notes.")
     if dest.is_file() and sha256_file(dest) == sha256:
         return dest
+    created = [d for d in (dest.parent, *dest.parent.parents) if not d.exists()]
     dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return _download(url, dest, sha256, progress, timeout)
+    except BaseException:
+        remove_empty_dirs(created)  # a failed download leaves no empty folder (a resumable .partial keeps its own)
+        raise
+
+
+def remove_empty_dirs(folders: list[Path]) -> None:
+    """Remove those of `folders` (deepest first) that are empty; others are left alone."""
+    for folder in sorted(folders, key=lambda d: len(d.parts), reverse=True):
+        try:
+            folder.rmdir()
+        except OSError:
+            pass
+
+
+def _download(url: str, dest: Path, sha256: str, progress: bool, timeout: float) -> Path:
     partial = dest.with_name(dest.name + ".partial")
     if is_google_drive(url):
         _gdown(url, partial, progress)
@@ -176,3 +203,87 @@ def _gdown(url: str, partial: Path, progress: bool) -> None:
         raise PdaeError(
             f"Google Drive download of {url} failed (quota or permission); retry later or download by hand."
         )
+
+
+def _archive_error(archive: Path, problem: str) -> PdaeError:
+    return PdaeError(f"{archive} is not a safe archive: {problem}; refusing to unpack it — check where it came from.")
+
+
+def _check_totals(archive: Path, dest: Path, count: int, total: int, max_bytes: int) -> None:
+    if count > MAX_MEMBERS:
+        raise _archive_error(archive, f"it holds {count} members (at most {MAX_MEMBERS})")
+    free = shutil.disk_usage(dest).free
+    if total > min(max_bytes, free):
+        raise _archive_error(
+            archive, f"it unpacks to {total / 2**30:.3g} GiB (limit {min(max_bytes, free) / 2**30:.3g} GiB)"
+        )
+
+
+def _member_target(archive: Path, dest: Path, name: str) -> Path:
+    """Where member `name` would land in `dest`; absolute paths, drive letters and `..` are refused."""
+    clean = name.replace("\\", "/")
+    target = (dest / clean).resolve()
+    if clean.startswith("/") or re.match(r"^[A-Za-z]:", clean) or ".." in clean.split("/"):
+        raise _archive_error(archive, f"member '{name}' points outside the archive folder")
+    if not target.is_relative_to(dest.resolve()):
+        raise _archive_error(archive, f"member '{name}' points outside the archive folder")
+    return target
+
+
+def _extract_zip(archive: Path, dest: Path, max_bytes: int) -> None:
+    with zipfile.ZipFile(archive) as zf:
+        infos = zf.infolist()
+        _check_totals(archive, dest, len(infos), sum(i.file_size for i in infos), max_bytes)
+        written = 0
+        for info in infos:
+            if stat.S_ISLNK(info.external_attr >> 16):
+                raise _archive_error(archive, f"member '{info.filename}' is a symbolic link")
+            target = _member_target(archive, dest, info.filename)
+            if info.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(info) as src, open(target, "wb") as out:
+                for block in iter(lambda: src.read(CHUNK), b""):  # count real bytes: headers may understate them
+                    written += len(block)
+                    if written > max_bytes:
+                        raise _archive_error(archive, f"it unpacks to more than {max_bytes / 2**30:.3g} GiB")
+                    out.write(block)
+
+
+def _extract_tar(archive: Path, dest: Path, max_bytes: int) -> None:
+    with tarfile.open(archive) as tf:
+        members = tf.getmembers()
+        _check_totals(archive, dest, len(members), sum(m.size for m in members if m.isfile()), max_bytes)
+        for member in members:
+            if member.issym() or member.islnk():
+                raise _archive_error(archive, f"member '{member.name}' is a link")
+            _member_target(archive, dest, member.name)
+        # tarfile's "data" filter also refuses absolute paths, `..`, devices and odd permissions
+        tf.extractall(dest, filter="data")
+
+
+def extract_archive(archive: str | os.PathLike, dest: str | os.PathLike, max_bytes: int | None = None) -> Path:
+    """Unpack a .zip or .tar(.gz/.bz2/.xz) archive into the existing empty folder `dest`; returns `dest`.
+
+    Refused with one PdaeError line, before or while writing: members with absolute paths or `..`, symbolic or hard
+    links, more than MAX_MEMBERS members, more than `max_bytes` (default MAX_UNPACKED_BYTES) or the free disk
+    space unpacked. The caller owns
+    `dest` and removes it on failure.
+    """
+    archive, dest = Path(archive), Path(dest)
+    max_bytes = MAX_UNPACKED_BYTES if max_bytes is None else max_bytes
+    try:
+        if zipfile.is_zipfile(archive):
+            _extract_zip(archive, dest, max_bytes)
+        elif tarfile.is_tarfile(archive):
+            _extract_tar(archive, dest, max_bytes)
+        else:
+            raise _archive_error(archive, "it is neither a .zip nor a .tar(.gz) archive")
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error) as err:
+        raise _archive_error(archive, f"it is damaged ({type(err).__name__})") from None
+    except OSError as err:
+        raise PdaeError(
+            f"cannot unpack {archive} into {dest} ({err.strerror or type(err).__name__}); free disk space."
+        ) from None
+    return dest

@@ -1,12 +1,14 @@
 """Evaluation of a trained run (PDAE.md §6): the reconstruction table, FID/KID sets, the gap curve and their files.
 
 `evaluate_run` is what the `evaluate` stage and `pdae evaluate` call. The reconstruction table decodes `n_images`
-test images with T in `steps` DDIM steps: PDAE with x_T inferred by DDIM inversion conditioned on z (T-step
-inversion by default, or one shared `inversion_steps` inversion), PDAE with random x_T (same noise for every T), and
-the bare DPM's own DDIM inversion + sampling. FID/KID sets (torch-fidelity on Inception-2015-12-05 features, via
-`pdae.metrics.fid_kid`) are scored against `fid_real` real training images: bare-DPM samples, latent-DPM samples
-(when models/latent and the latent library exist), random-x_T reconstructions of test images, and real test images
-(the small-sample floor of the metric). LPIPS is a real number or None with the reason, never from random weights.
+test images (default: the whole test split) with T in `steps` DDIM steps: PDAE with x_T inferred by DDIM inversion
+conditioned on z (T-step inversion by default, or one shared `inversion_steps` inversion), PDAE with random x_T
+(same noise for every T), and the bare DPM's own DDIM inversion + sampling; each cell is the mean over images with
+its per-image standard deviation (<metric>_sd). FID/KID sets (`pdae.evaluate_fid`: Inception FID/KID and
+label-classifier FD, each with a bootstrap interval) are scored against `fid_real` real training images (default:
+the whole train split): bare-DPM and latent-DPM samples (`fid_samples` each; latent only when models/latent exists),
+random-x_T reconstructions of the whole test split, and the real test split (the small-sample floor). Two sets are
+ranked only when their intervals separate. LPIPS is a real number or None with the reason, never from random weights.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from torch import Tensor
 from pdae.autoencode import decode, encode, invert, random_xT
 from pdae.config import EvaluateConfig
 from pdae.diffusion import Schedule
-from pdae.errors import PdaeError
+from pdae.errors import PdaeError, brief
 from pdae.sampling import ddim_invert, ddim_sample, plain
 
 # Row keys of the reconstruction table and their labels in the paper's wording.
@@ -61,19 +63,30 @@ def _noop(_: str) -> None:
     return None
 
 
+def _mean_sd(values: Tensor | None, key: str) -> dict[str, float | None]:
+    """{key: mean, key_sd: per-image standard deviation (ddof 1; 0 for one image)} of per-image values (N,)."""
+    if values is None:
+        return {key: None, f"{key}_sd": None}
+    v = values.double()
+    return {key: v.mean().item(), f"{key}_sd": v.std().item() if len(v) > 1 else 0.0}
+
+
 def _scores(rec: Tensor, ref: Tensor, metrics: Sequence[str]) -> tuple[dict[str, float | None], str | None]:
-    """Mean SSIM / LPIPS / MSE of reconstructions vs references (N, C, H, W) in [-1, 1]; LPIPS None + reason."""
+    """Mean and per-image sd of SSIM / LPIPS / MSE of reconstructions vs references (N, C, H, W) in [-1, 1].
+
+    LPIPS is None with the reason when its weights are unavailable.
+    """
     from pdae.metrics import lpips_distance, mse, ssim
 
     out: dict[str, float | None] = {}
     reason = None
     if "ssim" in metrics:
-        out["ssim"] = ssim(rec, ref).mean().item()
+        out.update(_mean_sd(ssim(rec, ref), "ssim"))
     if "lpips" in metrics:
         values, reason = lpips_distance(rec, ref)
-        out["lpips"] = None if values is None else values.mean().item()
+        out.update(_mean_sd(values, "lpips"))
     if "mse" in metrics:
-        out["mse"] = mse(rec, ref).mean().item()
+        out.update(_mean_sd(mse(rec, ref), "mse"))
     return out, reason
 
 
@@ -105,11 +118,15 @@ def ddim_decode(model, x_T: Tensor, schedule: Schedule, steps: int, batch_size: 
 
 @dataclass
 class ReconResult:
-    """The table {"T<steps>": {row: {metric: value}}}, the LPIPS reason and reconstructions at the largest T."""
+    """The table {"T<steps>": {row: {metric: value}}}, the LPIPS reason and reconstructions at the largest T.
+
+    random_by_T: the random-x_T reconstructions (N, C, H, W) at each T (reused as the FID set at fid_steps).
+    """
 
     table: dict[str, dict[str, dict[str, float | None]]]
     lpips_reason: str | None
     images: dict[str, Tensor] = field(default_factory=dict)
+    random_by_T: dict[int, Tensor] = field(default_factory=dict)
 
 
 @torch.no_grad()
@@ -136,6 +153,7 @@ def reconstruction_table(
     table: dict[str, dict[str, dict[str, float | None]]] = {}
     reason = None
     recs: dict[str, Tensor] = {}
+    random_by_T: dict[int, Tensor] = {}
     pixels = int(images[0].numel())
     latent_dim = {"pdae_inferred": model.z_dim + pixels, "pdae_random": model.z_dim, "ddim_inferred": pixels}
     for T in steps:
@@ -144,7 +162,7 @@ def reconstruction_table(
         x_T = shared_inv if shared_inv is not None else invert(model, images, z, schedule, inv, batch_size)
         recs["pdae_inferred"] = decode(model, z, x_T, schedule, T, batch_size=batch_size)
         progress(f"T={T}: PDAE, random x_T")
-        recs["pdae_random"] = decode(model, z, x_rand, schedule, T, batch_size=batch_size)
+        recs["pdae_random"] = random_by_T[T] = decode(model, z, x_rand, schedule, T, batch_size=batch_size)
         progress(f"T={T}: DDIM baseline")
         x_T = shared_ddim if shared_ddim is not None else ddim_inversion(model, images, schedule, inv, batch_size)
         recs["ddim_inferred"] = ddim_decode(model, x_T, schedule, T, batch_size)
@@ -154,7 +172,7 @@ def reconstruction_table(
             row[key]["latent_dim"] = latent_dim[key]
             reason = reason or why
         table[f"T{T}"] = row
-    return ReconResult(table, reason, {"original": images, **recs})
+    return ReconResult(table, reason, {"original": images, **recs}, random_by_T)
 
 
 @dataclass
@@ -239,13 +257,19 @@ def fid_sets(
     sampling: LatentSampling | None = None,
     seed: int = 0,
     progress: Progress = _noop,
+    scorer=None,
+    random_recon: Tensor | None = None,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Tensor]]:
-    """FID/KID of each generated set vs `cfg.fid_real` real training images -> ({set: fid_kid dict}, {set: images})."""
-    from pdae.metrics import fid_kid
+    """Scores of each image set vs `cfg.fid_real` real training images (all when None) -> ({set: dict}, {set: images}).
+
+    The random-x_T set reconstructs the whole test split; pass `random_recon` (the test split decoded from random x_T
+    with cfg.fid_steps) to reuse the reconstruction table's decode. See `pdae.evaluate_fid` for the scores.
+    """
+    from pdae.evaluate_fid import score_sets
 
     gen = torch.Generator().manual_seed(seed + 11)
-    real = train_x[torch.randperm(len(train_x), generator=gen)[: cfg.fid_real]]
-    test = test_x[torch.randperm(len(test_x), generator=gen)[: cfg.fid_samples]]
+    n_real = len(train_x) if cfg.fid_real is None else min(cfg.fid_real, len(train_x))
+    real = train_x[torch.randperm(len(train_x), generator=gen)[:n_real]]
     n, steps, bs = cfg.fid_samples, cfg.fid_steps, cfg.batch_size
     sets: dict[str, Tensor] = {}
     results: dict[str, dict[str, Any]] = {}
@@ -257,23 +281,27 @@ def fid_sets(
         results["latent_dpm_samples"] = _skipped(str(reason), len(real))
     else:
         sets["latent_dpm_samples"] = latent
-    progress(f"FID set: random-x_T reconstructions ({len(test)})")
-    x_T = random_xT(len(test), tuple(test.shape[1:]), torch.Generator().manual_seed(seed + 14))
-    sets["random_xT_reconstructions"] = decode(model, encode(model, test, bs), x_T, schedule, steps, batch_size=bs)
-    sets["real_test"] = test
-    for name, images in sets.items():
-        progress(f"Inception features: {name}")
-        results[name] = fid_kid(images, real)
+    if random_recon is None:
+        progress(f"FID set: random-x_T reconstructions ({len(test_x)})")
+        x_T = random_xT(len(test_x), tuple(test_x.shape[1:]), torch.Generator().manual_seed(seed + 14))
+        random_recon = decode(model, encode(model, test_x, bs), x_T, schedule, steps, batch_size=bs)
+    sets["random_xT_reconstructions"] = random_recon
+    sets["real_test"] = test_x
+    results.update(score_sets(sets, real, cfg.kid_subset_size, cfg.n_boot, scorer, seed, progress))
     order = ["ddim_samples", "latent_dpm_samples", "random_xT_reconstructions", "real_test"]
     return {k: results[k] for k in order if k in results}, sets
 
 
+def gap_grid(T: int) -> list[int]:
+    """t = 0, 50, ..., and T - 1: the grid of the gap curve."""
+    return sorted(set(range(0, T, 50)) | {T - 1})
+
+
 def gap_frame(model, schedule: Schedule, images: Tensor, seed: int = 0, batch_size: int = 256) -> pd.DataFrame:
-    """The posterior-mean-gap curve (t, gap_without, gap_with, ratio) on t = 0, 50, ..., T-1."""
+    """The posterior-mean-gap curve (t, gap_without, gap_with, ratio, per-image sds) on t = 0, 50, ..., T-1."""
     from pdae.diagnostics import gap_curve
 
-    grid = sorted(set(range(0, schedule.T, 50)) | {schedule.T - 1})
-    return gap_curve(model, images, schedule, grid, seed=seed, batch_size=batch_size)
+    return gap_curve(model, images, schedule, gap_grid(schedule.T), seed=seed, batch_size=batch_size)
 
 
 def _clock() -> tuple[float, float]:
@@ -307,7 +335,6 @@ def evaluate_run(
 ) -> EvalResult:
     """Reconstruction table, FID/KID sets and gap curve of a loaded run on the prepared data in `data_dir`."""
     from pdae.data import load_split
-    from pdae.diagnostics import gap_reduction
 
     data_dir = require_dir(data_dir, "data")
     test_x, _ = load_split(data_dir, "test")
@@ -324,9 +351,10 @@ def evaluate_run(
     out["seconds"], out["cpu_seconds"] = {}, {}  # wall and process CPU time per part (CPU time is load-independent)
     result = EvalResult(out)
     image_metrics = [m for m in IMAGE_METRICS if m in wanted]
+    random_recon = None
     if image_metrics:
         start = _clock()
-        x = test_x[pick[: cfg.n_images]]
+        x = test_x[pick[: cfg.n_images or len(test_x)]]
         rec = reconstruction_table(
             model, schedule, x, cfg.steps, cfg.inversion_steps, image_metrics, seed, cfg.batch_size, progress
         )
@@ -339,26 +367,59 @@ def evaluate_run(
         if "lpips" in wanted:
             out["lpips_reason"] = rec.lpips_reason
         result.recon_images = rec.images
+        if len(x) == len(test_x) and cfg.fid_steps in rec.random_by_T:  # the whole test split, in `pick` order
+            random_recon = rec.random_by_T[cfg.fid_steps]
         _lap(out, "reconstruction", start)
     if "fid" in wanted:
         start = _clock()
-        train_x, _ = load_split(data_dir, "train")
-        fid, result.fid_images = fid_sets(model, schedule, train_x, test_x, cfg, latent_dir, sampling, seed, progress)
-        out["fid"] = fid
-        out["fid_settings"] = {
-            "n_generated": cfg.fid_samples,
-            "n_real": min(cfg.fid_real, len(train_x)),
-            "real_split": "train",
-            "steps": cfg.fid_steps,
-        }
+        parts = (model, schedule, data_dir, test_x[pick], cfg, latent_dir, sampling, seed, progress, random_recon)
+        _fid_part(*parts, out, result)
         _lap(out, "fid", start)
     start = _clock()
     progress("gap curve")
-    result.gap = gap_frame(model, schedule, test_x[pick[: cfg.gap_images]], seed, cfg.batch_size)
-    out["gap_reduction"] = gap_reduction(result.gap, schedule.T)
-    out["gap_images"] = min(cfg.gap_images, len(test_x))
+    _gap_part(model, schedule, test_x[pick[: cfg.gap_images or len(test_x)]], cfg, seed, out, result)
     _lap(out, "gap", start)
     return result
+
+
+def _fid_part(model, schedule, data_dir, test_x, cfg, latent_dir, sampling, seed, progress, random_recon, out, result):
+    """FID/KID/classifier-FD sets with intervals, their comparisons and the headline into `out` (see fid_sets)."""
+    from pdae.data import load_split
+    from pdae.evaluate_fid import comparisons, headline
+    from pdae.scoring import load_scorer
+
+    train_x, _ = load_split(data_dir, "train")
+    scorer = load_scorer(data_dir)
+    fid, result.fid_images = fid_sets(
+        model, schedule, train_x, test_x, cfg, latent_dir, sampling, seed, progress, scorer, random_recon
+    )
+    out["fid"] = fid
+    out["fid_comparisons"] = comparisons(fid)
+    out["fid_headline"] = headline(fid)
+    out["fid_settings"] = {
+        "n_generated": cfg.fid_samples,
+        "n_real": len(train_x) if cfg.fid_real is None else min(cfg.fid_real, len(train_x)),
+        "n_test": len(test_x),
+        "real_split": "train",
+        "steps": cfg.fid_steps,
+        "n_boot": cfg.n_boot,
+        "interval": "95% bootstrap over both sets (Fréchet distances re-centred on the full-set value)",
+        "random_xT_set": "shared with the reconstruction table" if random_recon is not None else "decoded separately",
+        "classifier_features": "label classifier (penultimate layer)" if scorer is not None else None,
+    }
+
+
+def _gap_part(model, schedule, images, cfg, seed, out, result) -> None:
+    """Gap curve (with per-image sds) of `images` and the gap reduction with its bootstrap interval into `out`."""
+    from pdae.diagnostics import gap_frame_of, gap_per_image, gap_reduction, gap_reduction_interval
+
+    grid = gap_grid(schedule.T)
+    without, with_ = gap_per_image(model, images, schedule, grid, seed, cfg.batch_size)
+    result.gap = gap_frame_of(without, with_, grid)
+    out["gap_reduction"] = gap_reduction(result.gap, schedule.T)
+    interval = gap_reduction_interval(without, with_, grid, schedule.T, cfg.n_boot, seed)
+    out["gap_reduction_low"], out["gap_reduction_high"] = interval["low"], interval["high"]
+    out["gap_images"] = len(images)
 
 
 def table_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
@@ -387,6 +448,12 @@ def download_run_models(run_id: str, dst: str | Path) -> tuple[Path, Path]:
 
     from pdae.tracking import tracking_uri
 
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise PdaeError(
+            f"--run-id {run_id}: there is no MLflow store at {uri.removeprefix('sqlite:///')} (nothing was tracked "
+            "here); set MLFLOW_TRACKING_URI to the store that holds the run, or pass --baseline/--pdae folders."
+        )
     paths = []
     for name in ("baseline", "pdae"):
         try:
@@ -396,7 +463,7 @@ def download_run_models(run_id: str, dst: str | Path) -> tuple[Path, Path]:
         except Exception as err:  # noqa: BLE001 - MLflow raises many types; all mean "not there"
             raise PdaeError(
                 f"MLflow run {run_id} has no artifact models/{name} in {tracking_uri()} "
-                f"({str(err).splitlines()[0][:160]}); evaluate that run with --baseline/--pdae paths instead."
+                f"({brief(err)}); evaluate that run with --baseline/--pdae paths instead."
             ) from None
         paths.append(Path(local))
     return paths[0], paths[1]

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import json
 import math
 import os
+import pickle
 import tempfile
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,8 @@ os.umask(_UMASK)
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     path = Path(path)
+    if path.is_dir():
+        raise PdaeError(f"output {path} is a folder; pass a file path (e.g. {path / ('out' + (suffix or '.json'))}).")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
     os.close(fd)
@@ -72,6 +77,45 @@ def load_tensors(path: str | os.PathLike, what: str = "file") -> dict[str, torch
         raise PdaeError(
             f"{what} {path} is not a readable safetensors file ({err}); delete it and re-create it."
         ) from err
+
+
+def sha256_of(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """Hex sha256 digest of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_pinned_weights(path: str | os.PathLike, sha256: str, what: str, fix: str) -> dict[str, torch.Tensor]:
+    """Read third-party weights only if the file's sha256 is the pinned one, then with weights_only=True.
+
+    A file with any other digest (a damaged download, another release, a planted pickle) is refused before a
+    single byte of it is unpickled. `what` names the weights, `fix` tells the user how to get the right file.
+    Returns the flat mapping of name -> tensor the file holds (safetensors or a torch state-dict file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PdaeError(f"{what} not found at {path}; {fix}.")
+    actual = sha256_of(path)
+    if actual != sha256:
+        raise PdaeError(
+            f"{what} at {path} has sha256 {actual[:16]}…, not the pinned {sha256[:16]}…; refusing to read it — "
+            f"delete it and {fix}."
+        )
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(str(path))
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                state = torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, pickle.UnpicklingError, RuntimeError, OSError, ValueError, EOFError) as err:
+        raise PdaeError(f"{what} at {path} cannot be read ({type(err).__name__}); delete it and {fix}.") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise PdaeError(f"{what} at {path} is not a mapping of tensors; delete it and {fix}.")
+    return state
 
 
 def load_metadata(path: str | os.PathLike) -> dict[str, str]:
@@ -134,8 +178,24 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
 
 
+# Largest PNG grid written (pixels): 8192 x 8192, about 200 MB as RGB in memory.
+MAX_GRID_PIXELS = 8192 * 8192
+
+
 def image_grid(images: torch.Tensor, nrow: int, pad: int = 1, scale: int = 1) -> torch.Tensor:
-    """Tile (N, C, H, W) in [-1, 1] into one uint8 (H', W', 3) image, `nrow` images per row."""
+    """Tile (N, C, H, W) in [-1, 1] into one uint8 (H', W', 3) image, `nrow` images per row.
+
+    A grid above MAX_GRID_PIXELS is refused (PdaeError) before anything is allocated.
+    """
+    n, _, h, w = images.shape
+    ncol = max(1, nrow)
+    height = math.ceil(n / ncol) * (h * scale + pad) + pad
+    width = ncol * (w * scale + pad) + pad
+    if height * width > MAX_GRID_PIXELS:
+        raise PdaeError(
+            f"the image grid would be {width} x {height} pixels (at most {MAX_GRID_PIXELS} allowed); "
+            "lower the upscaling (--scale/--zoom) or the number of images."
+        )
     imgs = to_uint8(images)
     if imgs.shape[1] == 1:
         imgs = imgs.repeat(1, 3, 1, 1)

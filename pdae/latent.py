@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from pdae.config import BaseConfig, LatentConfig, TrainConfig
 from pdae.diffusion import Schedule
-from pdae.errors import PdaeError
+from pdae.errors import PdaeError, brief
 from pdae.io import load_tensors, read_json, save_tensors, write_json
 from pdae.nets.latent import LatentMLP
 from pdae.sampling import ddim_sample, plain
@@ -78,13 +78,14 @@ def train_latent(
 ) -> tuple[LatentDPM, TrainResult]:  # fmt: skip
     """Train the latent DPM on raw train codes z (N, z_dim); returns (LatentDPM with EMA weights, CPU; result)."""
     torch.manual_seed(seed)
-    mlp = LatentMLP(z.shape[1], cfg.depth, cfg.width, dropout=cfg.dropout)
+    mlp = LatentMLP(z.shape[1], cfg.depth - 1, cfg.width, dropout=cfg.dropout)  # depth counts the output layer
     dpm = LatentDPM(mlp, mean, std, cfg.beta, cfg.T)
     spec = TrainSpec(
         images=cfg.images,
         batch_size=min(cfg.batch_size, z.shape[0]),
         lr=cfg.lr,
         ema_decay=cfg.ema_decay,
+        ema_warmup=cfg.ema_warmup,
         checkpoint_every=cfg.checkpoint_every,
         seed=seed,
         optimizer="adamw",
@@ -117,7 +118,7 @@ def load_latent(directory: str | os.PathLike) -> LatentDPM:
         dpm.load_state_dict(tensors, strict=True)
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise PdaeError(
-            f"{directory}: the latent DPM files do not match ({str(err).splitlines()[0][:160]}); re-run the latent "
+            f"{directory}: the latent DPM files do not match ({brief(err)}); re-run the latent "
             "stage (dvc repro latent)."
         ) from None
     return dpm.eval()
@@ -321,6 +322,11 @@ def decode_codes(model, z: Tensor, x_T: Tensor, schedule: Schedule, cfg: LatentC
     )
 
 
+def _verdict(result: str, a: str, b: str) -> str:
+    """compare()'s "a lower" / "b lower" with the sets' names; "no difference at this size" unchanged."""
+    return {"a lower": f"{a} lower", "b lower": f"{b} lower"}.get(result, result)
+
+
 def uncond_study(
     dpm: LatentDPM, model, schedule: Schedule, test_z: Tensor, cfg: LatentConfig, gen: torch.Generator, scorer=None,
     test_x: Tensor | None = None,
@@ -333,7 +339,8 @@ def uncond_study(
     Returns (metrics, figures "samples" (48 latent-DPM samples over 48 bare-DPM samples from the same x_T) and
     "clamp" (a row of unclamped over a row of clamped samples, paired by column; only when study_samples > 0)).
     """
-    from pdae.scoring import class_scores, classifier_fd
+    from pdae.metrics import compare
+    from pdae.scoring import class_scores, classifier_fd_interval
 
     start, size = time.process_time(), model.backbone.image_size
     n, ns = cfg.n_samples, min(cfg.study_samples, cfg.n_samples)
@@ -352,15 +359,28 @@ def uncond_study(
         images[k] = imgs
     metrics: dict[str, Any] = {"uncond_latent_fd": study[chosen]["latent_fd"], "clamp": chosen}
     if scorer is not None and test_x is not None:
+        fds = {}
         for key, imgs in (("uncond", images["latent"]), ("baseline_uncond", images["bare"])):
             scores = class_scores(scorer, imgs)
-            metrics[f"{key}_fd"] = classifier_fd(scorer, imgs, test_x)
+            fds[key] = fd = classifier_fd_interval(scorer, imgs, test_x)
+            metrics[f"{key}_fd"], metrics[f"{key}_fd_low"], metrics[f"{key}_fd_high"] = (
+                fd["value"],
+                fd["low"],
+                fd["high"],
+            )
             metrics[f"{key}_class_entropy"] = scores["class_entropy"]
             metrics[f"{key}_confident_fraction"] = scores["confident_fraction"]
+        # a ranking only when the 95% intervals separate (pdae.metrics.compare)
+        metrics["uncond_vs_baseline_fd"] = _verdict(
+            compare(fds["uncond"], fds["baseline_uncond"]), "latent DPM", "bare DPM"
+        )
         for k in ("none", "both"):
             if ns >= 2:
-                study[k]["fd"] = classifier_fd(scorer, images[k], test_x)
+                fd = fds[k] = classifier_fd_interval(scorer, images[k], test_x)
+                study[k].update(fd=fd["value"], fd_low=fd["low"], fd_high=fd["high"])
                 study[k]["class_entropy"] = class_scores(scorer, images[k])["class_entropy"]
+        if ns >= 2:
+            study["none_vs_both_fd"] = _verdict(compare(fds["none"], fds["both"]), "none", "both")
     metrics["clamp_study"] = {"samples": ns, "latent_samples": n, **study}
     metrics["uncond_cpu_seconds"] = round(time.process_time() - start, 1)
     figures = {"samples": (torch.cat([images["latent"][:48], images["bare"][:48]]), 16)}

@@ -58,20 +58,37 @@ def reconstruction_markdown(metrics: Mapping[str, Any]) -> str:
     ranked = sorted(
         table_rows(dict(metrics)), key=lambda r: (r["T"], order.index(r["row"]) if r["row"] in order else 9)
     )
-    rows = [
-        [f"T = {r['T']}", r["label"], r.get("latent_dim"), r.get("ssim"), r.get("lpips"), r.get("mse")] for r in ranked
-    ]
-    return _table(["steps", "model", "latent dim", "SSIM ↑", "LPIPS ↓", "MSE ↓"], rows)
+
+    def cell(r: Mapping[str, Any], k: str) -> str:
+        return fmt(r.get(k)) if r.get(f"{k}_sd") is None else f"{fmt(r[k])} ± {fmt(r[k + '_sd'])}"
+
+    rows = [[f"T = {r['T']}", r["label"], r.get("latent_dim"), *(cell(r, k) for k in ("ssim", "lpips", "mse"))]
+            for r in ranked]  # fmt: skip
+    return _table(["steps", "model", "latent dim", "SSIM ↑ (± sd)", "LPIPS ↓ (± sd)", "MSE ↓ (± sd)"], rows)
+
+
+def interval_cell(res: Mapping[str, Any], key: str) -> str:
+    """'value [low, high]' of res[key] and its interval keys, or the bare value / '—' when they are absent."""
+    if res.get(key) is None or res.get(f"{key}_low") is None:
+        return fmt(res.get(key))
+    return f"{fmt(res[key])} [{fmt(res[key + '_low'])}, {fmt(res[key + '_high'])}]"
 
 
 def fid_markdown(metrics: Mapping[str, Any]) -> str:
-    """FID/KID per generated set in Markdown (skipped sets show their reason)."""
+    """Classifier FD / FID / KID per set with intervals in Markdown, headline first (skipped sets show the reason)."""
+    lead = (metrics.get("fid_headline") or {}).get("statistic") or "fid"
+    stats = [lead] + [s for s in ("classifier_fd", "fid", "kid") if s != lead]
+    names = {"classifier_fd": "classifier FD ↓", "fid": "FID ↓", "kid": "KID ↓"}
     rows = []
     for key, res in metrics.get("fid", {}).items():
-        kid = None if res.get("kid_mean") is None else f"{res['kid_mean']:.4g} ± {res.get('kid_std', 0):.2g}"
-        rows.append([FID_LABELS.get(key, key), res.get("n_generated"), res.get("n_real"), res.get("fid"), kid,
+        cells = [interval_cell(res, s) for s in stats]
+        rows.append([FID_LABELS.get(key, key), res.get("n_generated"), res.get("n_real"), *cells,
                      res.get("reason") or ""])  # fmt: skip
-    return _table(["set", "n generated", "n real", "FID ↓", "KID ↓", "note"], rows)
+    table = _table(["set", "n generated", "n real", *(names[s] for s in stats), "note"], rows)
+    verdicts = [f"- {pair.replace('_vs_', ' vs ')}: " + "; ".join(f"{k}: {v}" for k, v in row.items())
+                for pair, row in metrics.get("fid_comparisons", {}).items()]  # fmt: skip
+    head = "\n\nRankings (only where the 95% intervals separate):\n\n"
+    return table + (head + "\n".join(verdicts) if verdicts else "")
 
 
 def _flat(obj: Any, prefix: str = "") -> dict[str, Any]:
@@ -114,7 +131,8 @@ def render_report(
         inv = f"one shared {inv}-step inversion" if isinstance(inv, int) else "T-step inversion (as decoding)"
         out += [
             f"{metrics.get('n_images')} test images; x_T inferred by DDIM {inv}; random x_T is the same Gaussian "
-            "noise for every T. SSIM (Gaussian 11, σ 1.5) and MSE on [0, 1], LPIPS AlexNet v0.1.",
+            "noise for every T. SSIM (Gaussian 11, σ 1.5) and MSE on [0, 1], LPIPS AlexNet v0.1; mean ± per-image "
+            "standard deviation.",
             "",
             reconstruction_markdown(metrics),
             "",
@@ -129,9 +147,12 @@ def render_report(
     if "fid" in metrics:
         s = metrics.get("fid_settings", {})
         out += [
-            f"Inception-2015-12-05 pool3 features; reference: {s.get('n_real')} real {s.get('real_split')} images; "
-            f"generated sets decoded with {s.get('steps')} DDIM steps. With so few samples FID is strongly biased "
-            "upwards: compare against the real-test row (KID is unbiased).",
+            f"Reference: {s.get('n_real')} real {s.get('real_split')} images; generated sets decoded with "
+            f"{s.get('steps')} DDIM steps. Inception-2015-12-05 pool3 features for FID/KID (KID: unbiased MMD² over "
+            "the full sets), the label classifier's penultimate features for classifier FD; "
+            f"[low, high] = {s.get('interval', 'bootstrap interval')}, {s.get('n_boot')} resamples. Fréchet "
+            "distances are biased upwards at finite size: the real-test row is the floor. Headline statistic "
+            f"(tighter intervals): {(metrics.get('fid_headline') or {}).get('statistic')}.",
             "",
             fid_markdown(metrics),
             "",
@@ -140,8 +161,9 @@ def render_report(
         out += ["Not computed (`fid` not in evaluate.metrics).", ""]
     out += ["## Posterior mean gap", ""]
     if metrics.get("gap_reduction") is not None:
+        interval = interval_cell(metrics, "gap_reduction")
         out += [f"Gap reduction (1 − mean ratio with/without the shift, t ≥ T/10) on {metrics.get('gap_images')} "
-                f"test images: **{fmt(metrics['gap_reduction'])}**.", ""]  # fmt: skip
+                f"test images: **{interval}** (95% bootstrap interval over images).", ""]  # fmt: skip
     for name, values in (stage_metrics or {}).items():
         out += [f"## Stage `{name}` (metrics/{name}.json)", "", stage_metrics_markdown(name, values), ""]
     if other_reports:

@@ -39,7 +39,7 @@ def _progress(iterable: Sequence[int], show: bool, desc: str):
 def _grid(schedule: Schedule, steps: int | None, timesteps: Sequence[int] | None) -> list[int]:
     if timesteps is not None:
         return sorted(int(t) for t in timesteps)
-    return ddim_grid(schedule.T, steps or 100)
+    return ddim_grid(schedule.T, 100 if steps is None else steps)  # 0 is an error, not the default
 
 
 def _apply_shift(eps: Tensor, g: Tensor | None, coef: Tensor, scale: float, active: bool) -> Tensor:

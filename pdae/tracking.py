@@ -42,11 +42,22 @@ def tracking_uri() -> str:
 
 
 def git_commit(root: Path | None = None) -> str:
+    """The commit of the code that runs: PDAE_GIT_COMMIT if set (copies without .git), else `git rev-parse HEAD`.
+
+    `safe.directory=*` lets git answer in a clone owned by another user (CI, containers), where it would otherwise
+    refuse as "dubious ownership". "unknown" outside a git checkout.
+    """
+    if os.environ.get("PDAE_GIT_COMMIT"):
+        return os.environ["PDAE_GIT_COMMIT"]
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root or repo_root(), capture_output=True, text=True, timeout=10
+            ["git", "-c", "safe.directory=*", "rev-parse", "HEAD"],
+            cwd=root or repo_root(),
+            capture_output=True,
+            text=True,
+            timeout=10,
         )
-        return out.stdout.strip() or "unknown"
+        return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 

@@ -39,6 +39,7 @@ class TrainSpec:
     batch_size: int
     lr: float
     ema_decay: float = 0.999
+    ema_warmup: bool = True  # decay_n = min(decay, (1 + n) / (10 + n)); False: the constant decay (official code)
     checkpoint_every: int = 500
     seed: int = 0
     optimizer: str = "adam"  # adam | adamw
@@ -51,8 +52,10 @@ class TrainSpec:
 
     @classmethod
     def from_config(cls, cfg: Any, seed: int, fingerprint: dict, **extra: Any) -> TrainSpec:
-        """A spec from a stage config section holding images, batch_size, lr, ema_decay, checkpoint_every, bf16."""
+        """A spec from a stage config section holding images, batch_size, lr, ema_decay, checkpoint_every, bf16
+        (and optionally ema_warmup)."""
         keys = ("images", "batch_size", "lr", "ema_decay", "checkpoint_every", "bf16")
+        extra.setdefault("ema_warmup", getattr(cfg, "ema_warmup", True))
         extra.setdefault("accumulate", getattr(cfg, "accumulate", 1))
         return cls(**{k: getattr(cfg, k) for k in keys}, seed=seed, fingerprint=fingerprint, **extra)
 
@@ -91,10 +94,10 @@ class TrainResult:
         return round((self.steps - self.resumed_from) * self.batch_size / max(self.seconds, 1e-9), 1)
 
 
-# EMA with warm-up: decay_n = min(decay, (1 + n) / (10 + n)).
+# EMA, with warm-up by default: decay_n = min(decay, (1 + n) / (10 + n)); warmup=False uses `decay` from step 0.
 @torch.no_grad()
-def ema_update(ema: nn.Module, model: nn.Module, decay: float, step: int) -> None:
-    d = min(decay, (1 + step) / (10 + step))
+def ema_update(ema: nn.Module, model: nn.Module, decay: float, step: int, warmup: bool = True) -> None:
+    d = min(decay, (1 + step) / (10 + step)) if warmup else decay
     for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
         pe.lerp_(pm.detach(), 1 - d)
     for be, bm in zip(ema.buffers(), model.buffers(), strict=True):
@@ -282,7 +285,7 @@ def train(
         opt.step()
         step += 1
         for k in mods:
-            ema_update(ema[k], mods[k], spec.ema_decay, step)
+            ema_update(ema[k], mods[k], spec.ema_decay, step, spec.ema_warmup)
         window.append(loss.item())
         if step % spec.log_every == 0 or step == total:
             mean = sum(window) / len(window)

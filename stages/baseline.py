@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import _env  # noqa: F401  (runs the stage in the project's environment, or one error line)
 import pandas as pd
 import torch
 
-from pdae.baseline import acquire_baseline, load_schedule, load_unet
+from pdae.baseline import acquire_baseline, load_schedule
 from pdae.data import load_split
 from pdae.io import save_image_grid, write_csv
+from pdae.nets.backbone import load_backbone
 from pdae.sampling import ddim_sample, plain
 from pdae.scoring import class_scores, classifier_fd, load_scorer
 from pdae.stage import stage_main
@@ -24,11 +26,11 @@ def body(cfg, run) -> dict:
     if history:
         hist = pd.DataFrame(history, columns=["step", "images", "loss"])
         write_csv("plots/baseline_loss.csv", hist)
-    unet, schedule = load_unet(OUT).to(device), load_schedule(OUT)
+    backbone, schedule = load_backbone(OUT).to(device), load_schedule(OUT)  # eps(x_t, t) whatever the model predicts
     gen = torch.Generator().manual_seed(base.seed + 1)
     x_T = torch.randn(bcfg.n_samples, *train_x.shape[1:], generator=gen).to(device)
     # Sampled in float32 even when training used bf16 autocast (baseline.bf16 is a training option).
-    samples = ddim_sample(plain(lambda x, t: unet(x, t).sample), x_T, schedule, bcfg.sample_steps, progress=True)
+    samples = ddim_sample(plain(backbone), x_T, schedule, bcfg.sample_steps, progress=True)
     samples = samples.clamp(-1, 1).cpu()
     run.log_artifact(save_image_grid(FIGS / "baseline_samples.png", samples[:64], nrow=8), "figures")
     scorer = load_scorer(PREPARED)

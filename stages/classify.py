@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import _env  # noqa: F401  (runs the stage in the project's environment, or one error line)
 import torch
 
 from pdae import edit, probes

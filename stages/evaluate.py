@@ -6,6 +6,7 @@ import sys
 import time
 from pathlib import Path
 
+import _env  # noqa: F401  (runs the stage in the project's environment, or one error line)
 import torch
 
 from pdae.evaluate import LatentSampling, evaluate_run, load_run, recon_plot_frame

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import _env  # noqa: F401  (runs the stage in the project's environment, or one error line)
+
 from pdae.data import prepare_dataset
 from pdae.stage import stage_main
 

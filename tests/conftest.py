@@ -7,7 +7,14 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
+
+# Tests import stage scripts as modules (runpy / importlib); `python stages/<name>.py` has stages/ on sys.path for
+# their first import, stages/_env.py, so the tests give them the same.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "stages"))
 import torch  # noqa: E402
 
 torch.set_num_threads(1)

@@ -383,7 +383,7 @@ def case_cli_bad_override(p: Path, url: str) -> Invocation:
     return ("cli", ["params", "-S", "trainlr=1"])
 
 
-@case("cli", "empty", "--kind 'bogus'", "use pdae-official or diffae")
+@case("cli", "empty", "--kind 'bogus'", "use one of pdae-official, diffae, adm, improved-diffusion")
 def case_cli_unknown_kind(p: Path, url: str) -> Invocation:
     return ("cli", ["convert", "src", "dst", "--kind", "bogus"])
 
@@ -409,7 +409,7 @@ def case_cli_missing_image(p: Path, url: str) -> Invocation:
     return ("cli", ["interpolate", "nope.png", "good.png", "--out", "out.png"])
 
 
-@case("cli", "empty", "'--steps'", "greater than or equal to 1", "pdae interpolate --help", code=2)
+@case("cli", "empty", "'--steps'", "0 is out of range; use 1..1000", "pdae interpolate --help", code=2)
 def case_cli_out_of_range_option(p: Path, url: str) -> Invocation:
     return ("cli", ["interpolate", "a.png", "b.png", "--steps", "0"])
 
@@ -424,10 +424,101 @@ def case_cli_unknown_command(p: Path, url: str) -> Invocation:
     return ("cli", ["frobnicate"])
 
 
+# ---- values: one range layer for params, attribute labels and CLI options (issue 20) ----------------------------
+@case("table", "folder", "attrs.csv", "label 'inf' is not a class index", "up to 65535")
+def case_table_infinite_label(p: Path, url: str) -> Invocation:
+    _edit_table(p, lambda rows: [*rows[:2], "001.png,1,inf", *rows[3:]])
+    return ("stage", "prepare")
+
+
+@case("table", "folder", "attrs.csv", "label '1e18' is not a class index", "up to 65535")
+def case_table_huge_label(p: Path, url: str) -> Invocation:
+    _edit_table(p, lambda rows: [*rows[:2], "001.png,1,1e18", *rows[3:]])
+    return ("stage", "prepare")
+
+
+@case("params", "folder", "base.seed", "4294967296 is out of range", "0..4294967295")
+def case_param_seed_out_of_range(p: Path, url: str) -> Invocation:
+    _params(p, base={"seed": 2**32})
+    return ("stage", "prepare")
+
+
+@case("params", "tiny", "baseline.attention_head_dim", "1e+23 is out of range", "at most 8192")
+def case_param_absurd_size(p: Path, url: str) -> Invocation:
+    _params(p, baseline={"attention_head_dim": 1e23})
+    return ("stage", "baseline")
+
+
+@case("params", "tiny", "baseline.channels", "100000 is out of range", "at most 8192")
+def case_param_absurd_width(p: Path, url: str) -> Invocation:
+    _params(p, baseline={"channels": [8, 100_000]})
+    return ("stage", "baseline")
+
+
+@case("params", "tiny", "baseline.lr", "finite number", "(got inf)")
+def case_param_infinite_float(p: Path, url: str) -> Invocation:
+    _params(p, baseline={"lr": float("inf")})
+    return ("stage", "baseline")
+
+
+@case("params", "folder", "params.yaml", "key 'seed' appears twice", "line 2")
+def case_param_duplicate_key(p: Path, url: str) -> Invocation:
+    (p / "params.yaml").write_text("base:\n  seed: 1\n  seed: 2\n")
+    return ("stage", "prepare")
+
+
+@case("cli", "tiny", "params file not found: nope.yaml")
+def case_cli_evaluate_missing_params_file(p: Path, url: str) -> Invocation:
+    return ("cli", ["evaluate", "--params", "nope.yaml", "--metrics", "ssim", "--threads", "1"])
+
+
+@case("cli", "tiny", "'--out'", "is a folder", "pass a file path", code=2)
+def case_cli_output_is_a_folder(p: Path, url: str) -> Invocation:
+    (p / "outdir").mkdir()
+    return ("cli", ["reconstruct", "--index", "0", "--steps", "2", "--out", "outdir"])
+
+
+@case("cli", "tiny", "'--scale'", "100000 is out of range", "1..64", code=2)
+def case_cli_absurd_upscaling(p: Path, url: str) -> Invocation:
+    return ("cli", ["reconstruct", "--index", "0", "--steps", "2", "--scale", "100000"])
+
+
+@case("cli", "tiny", "'--steps'", "0 is out of range", "1..1000", code=2)
+def case_cli_zero_steps(p: Path, url: str) -> Invocation:
+    return ("cli", ["encode", "x.png", "--x-t", "--steps", "0"])
+
+
+@case("cli", "empty", "--run-id", "no MLflow store", "MLFLOW_TRACKING_URI")
+def case_cli_run_id_without_a_store(p: Path, url: str) -> Invocation:
+    (p / "dvc.yaml").write_text("stages: {}\n")
+    return ("cli", ["evaluate", "--run-id", "0123abcd", "--threads", "1"])
+
+
+# ---- archives (baseline stage, source: url, a sha256-verified archive that is not safe) -------------------------
+def _zip_bytes(members: dict[str, bytes]) -> bytes:
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+ESCAPING_ZIP = _zip_bytes({"model/config.json": b"{}", "../../escaped.txt": b"written outside"})
+
+
+@case("archive", "tiny", "escape.zip", "points outside the archive folder", "refusing to unpack it")
+def case_archive_zip_path_escape(p: Path, url: str) -> Invocation:
+    return _url_source(p, f"{url}/escape.zip", hashlib.sha256(ESCAPING_ZIP).hexdigest())
+
+
 # ---- the test ----------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def server():
     routes = {"/model.zip": serve_bytes(SERVED), "/cut.zip": serve_bytes(SERVED, cut=len(SERVED) // 3)}
+    routes["/escape.zip"] = serve_bytes(ESCAPING_ZIP)
     with http_server(routes) as url:
         yield url
 
@@ -494,7 +585,7 @@ def test_bad_input(case_id: str, tmp_path: Path, request, server: str, capsys) -
 
 def test_matrix_covers_every_category() -> None:
     categories = {c.category for c in CASES.values()}
-    assert categories == {"image", "table", "params", "checkpoint", "url", "cli"} and len(CASES) >= 25
+    assert categories == {"image", "table", "params", "checkpoint", "url", "cli", "archive"} and len(CASES) >= 25
 
 
 # ---- the same contract across a real process boundary --------------------------------------------------------------
@@ -514,3 +605,111 @@ def test_stage_script_in_a_subprocess(case_id: str, tmp_path: Path) -> None:
     assert all(re.search(r"\d+/\d+ \[", line) for line in lines[:-1]), res.stderr
     assert all(text in lines[-1] for text in case.expect), res.stderr
     assert not changed_files(before, snapshot(project))
+
+
+# ---- every numeric option of the CLI has a range, and a value outside it is one line naming option and value -------
+def _numeric_options() -> list[tuple[str, str, object]]:
+    """(command, option flag, its Ranged parser) for every int/float option of every command."""
+    import inspect
+    import typing
+
+    from pdae.cli import app
+    from pdae.commands.options import Ranged
+
+    found = []
+    for command in app.registered_commands:
+        hints = typing.get_type_hints(command.callback)
+        for name, param in inspect.signature(command.callback).parameters.items():
+            numeric = {int, float} & set(typing.get_args(hints[name]) or [hints[name]])
+            inner = [a for t in typing.get_args(hints[name]) for a in (typing.get_args(t) or [t])]
+            if not (numeric or {int, float} & set(inner)) or hints[name] is bool:
+                continue
+            parser = getattr(param.default, "parser", None)
+            assert isinstance(parser, Ranged), f"{command.name} {name}: numeric option without a range"
+            flag = next(d for d in param.default.param_decls if d.startswith("--"))
+            found.append((command.name, flag, parser))
+    return found
+
+
+NUMERIC_OPTIONS = _numeric_options()
+
+
+def test_every_numeric_option_is_ranged() -> None:
+    flags = {(c, f) for c, f, _ in NUMERIC_OPTIONS}
+    assert len(flags) >= 25 and ("evaluate", "--fid-real") in flags and ("manipulate", "--scale") in flags
+
+
+@pytest.mark.parametrize("command,flag,parser", NUMERIC_OPTIONS, ids=[f"{c}{f}" for c, f, _ in NUMERIC_OPTIONS])
+def test_numeric_option_out_of_range_is_one_line(command: str, flag: str, parser, tmp_path: Path) -> None:
+    from pdae.cli import app
+
+    bad = (
+        ["nan", "inf", str(parser.high * 2 + 1)]
+        if parser.kind is float
+        else [str(parser.low - 1), str(parser.high + 1), "2.5"]
+    )
+    required = {"encode": ["x.png"], "convert": ["src", "dst"], "manipulate": ["--attr", "a"]}.get(command, [])
+    for value in bad:
+        with in_project(tmp_path, {"PDAE_TRACKING": "off"}):
+            res = CliRunner().invoke(app, [command, flag, value, *required])
+        assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+        (line,) = _usage_error(res.output)
+        assert f"'{flag}'" in line and value in line and (parser.span in line or "is not an integer" in line), line
+    assert not any(tmp_path.iterdir())
+
+
+# ---- every numeric param has a range: huge ints and non-finite floats are one line naming the key ---------------
+def _numeric_params() -> list[tuple[str, str, object]]:
+    from pdae.config import SECTIONS
+
+    found = []
+    for section, model in SECTIONS.items():
+        for name, field in model.model_fields.items():
+            text = str(field.annotation)
+            if "Literal" in text or "str" in text or field.annotation is bool:
+                continue
+            scalar = float("inf") if "float" in text else 10**13 if "int" in text else None
+            if scalar is not None:
+                found.append((section, name, [scalar] if text.startswith("list") else scalar))
+    return found
+
+
+NUMERIC_PARAMS = _numeric_params()
+
+
+@pytest.mark.parametrize("section,name,value", NUMERIC_PARAMS, ids=[f"{s}.{n}" for s, n, _ in NUMERIC_PARAMS])
+def test_numeric_param_out_of_range_is_one_line(section: str, name: str, value: object) -> None:
+    from pdae.config import parse_section
+
+    with pytest.raises(PdaeError) as info:
+        parse_section(section, {name: value})
+    text = str(info.value)
+    assert text.startswith(f"params.yaml: {section}.{name}") and "\n" not in text, text
+    assert ("finite number" in text) if "inf" in str(value) else ("out of range" in text or "less than" in text), text
+
+
+def test_every_section_has_numeric_params_checked() -> None:
+    sections = {s for s, _, _ in NUMERIC_PARAMS}
+    assert sections >= {"base", "prepare", "baseline", "train", "encode", "classify", "latent", "evaluate"}
+    assert len(NUMERIC_PARAMS) >= 70
+
+
+@pytest.mark.parametrize("seed,ok", [(-1, False), (0, True), (2**32 - 1, True), (2**32, False)])
+def test_seed_range_is_the_libraries_range(seed: int, ok: bool) -> None:
+    from pdae.config import parse_section
+
+    if ok:
+        assert parse_section("base", {"seed": seed}).seed == seed
+    else:
+        with pytest.raises(PdaeError, match=r"base.seed: .* 0..4294967295"):
+            parse_section("base", {"seed": seed})
+
+
+def test_zero_steps_is_an_error_not_the_default() -> None:
+    """steps=0 used to fall back to 100 steps silently (and be reported as 0)."""
+    from pdae.diffusion import Schedule, ddim_grid
+    from pdae.sampling import _grid
+
+    with pytest.raises(PdaeError, match=r"1\.\.1000 \(got 0\)"):
+        _grid(Schedule.linear(1000), 0, None)
+    assert _grid(Schedule.linear(1000), None, None) == ddim_grid(1000, 100)

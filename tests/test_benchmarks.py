@@ -135,6 +135,37 @@ def test_ratios_on_synthetic_curves():
     assert again["ratios"]["random_ssim"] == p1.ratios(rows, 300)["random_ssim"] and again["met"] is True
 
 
+def test_ratios_not_defined_for_non_monotone_curves_or_quality_reached_at_0_images():
+    rows = {
+        "pdae": [
+            {"images": 0, "random_ssim": 0.1, "inferred_ssim": 0.99, "random_mse": 0.5},
+            {"images": 100, "random_ssim": 0.5, "inferred_ssim": 0.995, "random_mse": 0.2},
+            {"images": 200, "random_ssim": 0.6, "inferred_ssim": 0.996, "random_mse": 0.1},
+        ],
+        "diffae": [
+            {"images": 100, "random_ssim": 0.2, "inferred_ssim": 0.993, "random_mse": 0.9},
+            {"images": 400, "random_ssim": 0.7, "inferred_ssim": 0.98, "random_mse": 0.4},
+            {"images": 800, "random_ssim": 0.8, "inferred_ssim": 0.997, "random_mse": 0.05},
+        ],
+    }
+    rows["pdae"][0]["random_agreement"] = 1.0  # a quality PDAE has before any training
+    for r in rows["pdae"] + rows["diffae"]:
+        r.setdefault("random_agreement", 1.0)
+    out = p1.ratios(rows, baseline_images=None)
+    assert out["random_ssim"].get("not_defined") is None and out["random_ssim"]["diffae_over_pdae"]["ratio"] > 1
+    assert out["random_mse"].get("not_defined") is None
+    assert (
+        "Diff-AE-style curve not monotone (0.993 at 100 images -> 0.98 at 400)" in out["inferred_ssim"]["not_defined"]
+    )
+    assert "PDAE at 0 images (1) already reaches PDAE's final 1" in out["random_agreement"]["not_defined"]
+    for key in ("inferred_ssim", "random_agreement"):
+        assert out[key]["diffae_over_pdae"] == {"ratio": None, "bound": "not defined",
+                                                "reason": out[key]["not_defined"]}  # fmt: skip
+    rows["pdae"][1]["random_ssim"] = 0.05  # a dip makes the headline ill-defined, so the target is not met
+    res = p1.reanalyse({"rows": rows, "inputs": {"baseline_images": None}, "ratios": {}})
+    assert "PDAE curve not monotone" in res["ratios"]["random_ssim"]["not_defined"] and res["met"] is False
+
+
 def test_p1_run_on_the_tiny_project(tiny_project_template: Path, tmp_path: Path):
     settings = {
         "pdae_checkpoints": [0, 32],

@@ -27,6 +27,13 @@ def _models(project: Path) -> list[str]:
     return ["--baseline", str(project / "models/baseline"), "--pdae", str(project / "models/pdae"), "--threads", "1"]
 
 
+def _defaults(tmp_path: Path) -> str:
+    """A params file with every section at its defaults (a missing --params file is an error)."""
+    path = tmp_path / "defaults.yaml"
+    path.write_text("latent: {}\n")
+    return str(path)
+
+
 def _ok(args: list[str]):
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
@@ -104,13 +111,13 @@ def test_gap_and_sample(tiny_project, tmp_path):
     latent = tiny_latent(tiny_project)
     out, z = tmp_path / "samples.png", tmp_path / "z.safetensors"
     args = ["sample", "--n", "4", "--steps", "2", "--latent", str(latent), "--out", str(out), "--save-z", str(z)]
-    _ok([*args, "--params", str(tmp_path / "absent.yaml"), *_models(tiny_project)])
+    _ok([*args, "--params", _defaults(tmp_path), *_models(tiny_project)])
     assert out.is_file() and z.is_file()
 
 
 def test_evaluate_prints_table_and_writes_json(tiny_project, tmp_path):
     out = tmp_path / "eval.json"
-    data = ["--data", str(tiny_project / "data/prepared"), "--params", str(tmp_path / "absent.yaml")]
+    data = ["--data", str(tiny_project / "data/prepared"), "--params", _defaults(tmp_path)]
     args = ["evaluate", "--steps", "2,3", "--n-images", "3", "--metrics", "ssim,mse", "--out", str(out), *data]
     res = _ok([*args, *_models(tiny_project)])
     assert "PDAE (inferred x_T)" in res.output and "DDIM baseline" in res.output and "gap reduction" in res.output
@@ -131,7 +138,7 @@ def test_evaluate_run_id(tiny_project, tmp_path, mlflow_tmp, monkeypatch):
         run.log_artifact(tiny_project / "models/baseline", "models/baseline")
         run.log_artifact(tiny_project / "models/pdae", "models/pdae")
         run_id = mlflow.active_run().info.run_id
-    data = ["--data", str(tiny_project / "data/prepared"), "--params", str(tmp_path / "absent.yaml")]
+    data = ["--data", str(tiny_project / "data/prepared"), "--params", _defaults(tmp_path)]
     args = ["evaluate", "--run-id", run_id, "--steps", "2", "--n-images", "2", "--metrics", "mse", *data]
     assert "PDAE (random x_T)" in _ok([*args, "--threads", "1"]).output
     _error(["evaluate", "--run-id", "0" * 32, *data, "--threads", "1"], "has no artifact models/baseline")

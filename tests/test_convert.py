@@ -54,7 +54,10 @@ DIFFAE_CONF = {
 
 
 # ---- official layout: key names and shapes, written from the architecture description ---------------------------
-def official_shapes(base, mult, nres, attn_levels, in_ch, out_ch, emb) -> dict[str, tuple[int, ...]]:
+def official_shapes(
+    base, mult, nres, attn_levels, in_ch, out_ch, emb, updown=True, scale_shift=True, classes=None
+) -> dict[str, tuple[int, ...]]:
+    """updown False: conv resampling (`op` / `conv`); scale_shift False: emb_layers output o channels (ADM flags)."""
     shapes: dict[str, tuple[int, ...]] = {}
 
     def lin(p, i, o):
@@ -69,7 +72,7 @@ def official_shapes(base, mult, nres, attn_levels, in_ch, out_ch, emb) -> dict[s
     def res(p, i, o):
         norm(f"{p}.in_layers.0", i)
         conv(f"{p}.in_layers.2", i, o)
-        lin(f"{p}.emb_layers.1", emb, 2 * o)
+        lin(f"{p}.emb_layers.1", emb, 2 * o if scale_shift else o)
         norm(f"{p}.out_layers.0", o)
         conv(f"{p}.out_layers.3", o, o)
         if i != o:
@@ -83,6 +86,8 @@ def official_shapes(base, mult, nres, attn_levels, in_ch, out_ch, emb) -> dict[s
     lin("time_embed.0", base, emb)
     lin("time_embed.2", emb, emb)
     conv("input_blocks.0.0", in_ch, base)
+    if classes:
+        shapes["label_emb.weight"] = (classes, emb)
     ch, skips, k = base, [base], 1
     for lv, m in enumerate(mult):
         for _ in range(nres):
@@ -93,7 +98,7 @@ def official_shapes(base, mult, nres, attn_levels, in_ch, out_ch, emb) -> dict[s
             skips.append(ch)
             k += 1
         if lv < len(mult) - 1:
-            res(f"input_blocks.{k}.0", ch, ch)
+            res(f"input_blocks.{k}.0", ch, ch) if updown else conv(f"input_blocks.{k}.0.op", ch, ch)
             skips.append(ch)
             k += 1
     res("middle_block.0", ch, ch)
@@ -108,7 +113,7 @@ def official_shapes(base, mult, nres, attn_levels, in_ch, out_ch, emb) -> dict[s
                 attn(f"output_blocks.{k}.1", ch)
                 n = 2
             if lv and j == nres:
-                res(f"output_blocks.{k}.{n}", ch, ch)
+                res(f"output_blocks.{k}.{n}", ch, ch) if updown else conv(f"output_blocks.{k}.{n}.conv", ch, ch)
             k += 1
     norm("out.0", ch)
     conv("out.2", ch, out_ch)
@@ -144,15 +149,20 @@ def _gn(S, p, x):
 
 
 def ref_resblock(S, p, x, emb, updown=None):
-    """GN-SiLU-(resample)-conv, scale-shift GN by the time embedding, SiLU-conv, plus (1x1-conv) skip."""
+    """GN-SiLU-(resample)-conv, scale-shift GN by the time embedding (or, with an o-wide emb_layers, the embedding
+    added before the GN), SiLU-conv, plus (1x1-conv) skip."""
     h = F.silu(_gn(S, f"{p}.in_layers.0", x))
     if updown == "down":
         h, x = F.avg_pool2d(h, 2), F.avg_pool2d(x, 2)
     elif updown == "up":
         h, x = F.interpolate(h, scale_factor=2, mode="nearest"), F.interpolate(x, scale_factor=2, mode="nearest")
     h = F.conv2d(h, S[f"{p}.in_layers.2.weight"], S[f"{p}.in_layers.2.bias"], padding=1)
-    scale, shift = F.linear(F.silu(emb), S[f"{p}.emb_layers.1.weight"], S[f"{p}.emb_layers.1.bias"]).chunk(2, dim=1)
-    h = _gn(S, f"{p}.out_layers.0", h) * (1 + scale[..., None, None]) + shift[..., None, None]
+    e = F.linear(F.silu(emb), S[f"{p}.emb_layers.1.weight"], S[f"{p}.emb_layers.1.bias"])
+    if e.shape[1] == 2 * h.shape[1]:
+        scale, shift = e.chunk(2, dim=1)
+        h = _gn(S, f"{p}.out_layers.0", h) * (1 + scale[..., None, None]) + shift[..., None, None]
+    else:
+        h = _gn(S, f"{p}.out_layers.0", h + e[..., None, None])
     h = F.conv2d(F.silu(h), S[f"{p}.out_layers.3.weight"], S[f"{p}.out_layers.3.bias"], padding=1)
     if f"{p}.skip_connection.weight" in S:
         x = F.conv2d(x, S[f"{p}.skip_connection.weight"], S[f"{p}.skip_connection.bias"])
@@ -174,9 +184,14 @@ def ref_attention(S, p, x, heads, new_order=False):
     return (flat + F.conv1d(a, S[f"{p}.proj_out.weight"], S[f"{p}.proj_out.bias"])).reshape(b, c, hh, ww)
 
 
-def ref_unet(S, x, t, base, levels, nres, attn_levels, heads_of, new_order=False):
-    """Whole official UNet from the blocks above (skips pushed after every input block, popped per output block)."""
+def ref_unet(S, x, t, base, levels, nres, attn_levels, heads_of, new_order=False, y=None):
+    """Whole official UNet from the blocks above (skips pushed after every input block, popped per output block).
+
+    Conv resampling when the state has `op` / `conv` resamplers; y: class labels (N,) for a `label_emb` model.
+    """
     emb = ref_time_embedding(S, t, base)
+    if y is not None:
+        emb = emb + S["label_emb.weight"][y]
     h = F.conv2d(x, S["input_blocks.0.0.weight"], S["input_blocks.0.0.bias"], padding=1)
     hs, k = [h], 1
     for lv in range(levels):
@@ -186,7 +201,11 @@ def ref_unet(S, x, t, base, levels, nres, attn_levels, heads_of, new_order=False
                 h = ref_attention(S, f"input_blocks.{k}.1", h, heads_of(h.shape[1]), new_order)
             hs.append(h)
             k += 1
-        if lv < levels - 1:
+        if lv < levels - 1 and f"input_blocks.{k}.0.op.weight" in S:
+            h = F.conv2d(h, S[f"input_blocks.{k}.0.op.weight"], S[f"input_blocks.{k}.0.op.bias"], stride=2, padding=1)
+            hs.append(h)
+            k += 1
+        elif lv < levels - 1:
             h = ref_resblock(S, f"input_blocks.{k}.0", h, emb, "down")
             hs.append(h)
             k += 1
@@ -202,7 +221,10 @@ def ref_unet(S, x, t, base, levels, nres, attn_levels, heads_of, new_order=False
             if lv in attn_levels:
                 h = ref_attention(S, f"{p}.1", h, heads_of(h.shape[1]), new_order)
                 n = 2
-            if lv and j == nres:
+            if lv and j == nres and f"{p}.{n}.conv.weight" in S:
+                h = F.interpolate(h, scale_factor=2, mode="nearest")
+                h = F.conv2d(h, S[f"{p}.{n}.conv.weight"], S[f"{p}.{n}.conv.bias"], padding=1)
+            elif lv and j == nres:
                 h = ref_resblock(S, f"{p}.{n}", h, emb, "up")
             k += 1
     h = F.silu(_gn(S, "out.0", h))

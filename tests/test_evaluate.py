@@ -23,7 +23,17 @@ from pdae.evaluate import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(steps=[2, 3], n_images=4, fid_samples=3, fid_real=4, fid_steps=2, gap_images=4, batch_size=64)
+TINY = dict(
+    steps=[2, 3],
+    inversion_steps=None,
+    n_images=4,
+    fid_samples=4,
+    fid_real=5,
+    fid_steps=2,
+    gap_images=4,
+    n_boot=7,
+    batch_size=64,
+)
 
 
 @pytest.fixture()
@@ -70,28 +80,45 @@ def test_reconstruction_table_rows_match_the_library(tiny_project, flush_denorma
 
 
 def test_evaluate_run_fid_sets_figures_and_report(tiny_project, flush_denormals, tmp_path, monkeypatch):
-    """The FID/KID wiring; each real fid_kid call costs a 2048x2048 matrix square root (~10 CPU-s), so the metric
-    itself is replaced here by a recorder (tests/test_metrics.py checks the metric on real Inception features)."""
+    """The FID/KID wiring with intervals; Inception features are replaced by the flattened pixels (64-D at 8x8), so
+    the FID, KID, intervals and rankings below are real computations on cheap features."""
     from pdae.io import write_json
+    from pdae.metrics import frechet_distance
     from pdae.report import save_figures, write_report
 
     calls = []
 
-    def fake_fid_kid(generated, real, **kw):
-        calls.append((tuple(generated.shape), tuple(real.shape), generated.min().item(), generated.max().item()))
-        return {"fid": 1.0, "kid_mean": 0.1, "kid_std": 0.01, "n_generated": len(generated), "n_real": len(real),
-                "weights": "fake", "reason": None}  # fmt: skip
+    def fake_features(images, *args, **kw):
+        calls.append((tuple(images.shape), images.min().item(), images.max().item()))
+        return images.flatten(1).float(), "fake"
 
-    monkeypatch.setattr("pdae.metrics.fid_kid", fake_fid_kid)
+    monkeypatch.setattr("pdae.metrics.inception_features", fake_features)
     model, schedule = load_run(tiny_project / "models/baseline", tiny_project / "models/pdae")
     latent = tiny_latent(tiny_project)
     cfg = EvaluateConfig(**TINY)
     result = evaluate_run(model, schedule, tiny_project / "data/prepared", cfg, latent_dir=latent, seed=1)
     m = result.metrics
+    n_test = len(load_split(tiny_project / "data/prepared", "test")[0])
     assert list(m["fid"]) == ["ddim_samples", "latent_dpm_samples", "random_xT_reconstructions", "real_test"]
-    assert len(calls) == 4 and all(c[:2] == ((3, 1, 8, 8), (4, 1, 8, 8)) and -1 <= c[2] <= c[3] <= 1 for c in calls)
-    assert all(res["n_generated"] == 3 and res["n_real"] == 4 for res in m["fid"].values())
+    assert calls[0][0] == (5, 1, 8, 8) and len(calls) == 5  # the real reference, then one call per set
+    assert [c[0][0] for c in calls[1:]] == [4, 4, n_test, n_test] and all(-1 <= c[1] <= c[2] <= 1 for c in calls)
+    for key, res in m["fid"].items():
+        assert res["n_real"] == 5 and res["n_boot"] == 7
+        for stat in ("fid", "kid", "classifier_fd"):
+            assert res[f"{stat}_low"] <= res[stat] <= res[f"{stat}_high"], (key, stat)
+        assert res["kid_subset_size"] < min(res["n_generated"], 5)
+    real = m["fid"]["real_test"]
+    test_x = load_split(tiny_project / "data/prepared", "test")[0]
+    train_x = load_split(tiny_project / "data/prepared", "train")[0]
+    ref = train_x[torch.randperm(len(train_x), generator=torch.Generator().manual_seed(12))[:5]]
+    assert real["fid"] == pytest.approx(frechet_distance(test_x.flatten(1), ref.flatten(1)), rel=1e-3)
+    pairs = {"latent_dpm_samples_vs_ddim_samples", "random_xT_reconstructions_vs_real_test"}
+    assert set(m["fid_comparisons"]) == pairs
+    assert m["fid_headline"]["statistic"] in ("fid", "classifier_fd")
+    assert m["fid_settings"]["random_xT_set"] == "decoded separately"  # n_images < the test split
     assert m["n_images"] == 4 and m["steps"] == [2, 3] and m["gap_images"] == 4 and "gap_reduction" in m
+    assert m["gap_reduction_low"] <= m["gap_reduction"] <= m["gap_reduction_high"]
+    assert {"ssim_sd", "mse_sd"} <= set(m["reconstruction"]["T3"]["pdae_inferred"])
     write_json(tmp_path / "evaluate.json", m)  # JSON-serialisable as is
     figures = save_figures(result, tmp_path / "reports/figures/evaluate")
     assert {p.name for p in figures} == {
@@ -151,3 +178,20 @@ def test_stage_writes_outputs_and_logs_models(tiny_project, mlflow_tmp, monkeypa
     assert (pdae_dir / "pdae.safetensors").is_file() and (base / "config.json").is_file()
     model_dir = Path(mlflow.artifacts.download_artifacts(f"runs:/{run.info.run_id}/encoder"))
     assert (model_dir / "MLmodel").is_file() and not list(model_dir.rglob("*.pkl"))  # nothing pickled
+
+
+def test_random_xt_fid_set_reuses_the_tables_decode_of_the_whole_split(tiny_project, flush_denormals, monkeypatch):
+    from pdae.metrics import mse
+
+    monkeypatch.setattr("pdae.metrics.inception_features", lambda images, *a, **k: (images.flatten(1).float(), "fake"))
+    model, schedule = load_run(tiny_project / "models/baseline", tiny_project / "models/pdae")
+    cfg = EvaluateConfig(**{**TINY, "steps": [2], "n_images": None, "metrics": ["mse", "fid"], "gap_images": 2})
+    result = evaluate_run(model, schedule, tiny_project / "data/prepared", cfg, seed=1)
+    m = result.metrics
+    n_test = len(load_split(tiny_project / "data/prepared", "test")[0])
+    assert m["n_images"] == n_test and m["fid_settings"]["random_xT_set"] == "shared with the reconstruction table"
+    rec, real = result.fid_images["random_xT_reconstructions"], result.fid_images["real_test"]
+    assert len(rec) == len(real) == n_test  # the same images in the same order as the table's rows
+    table_mse = m["reconstruction"]["T2"]["pdae_random"]["mse"]
+    assert mse(rec, real).mean().item() == pytest.approx(table_mse, rel=1e-6)
+    assert m["reconstruction"]["T2"]["pdae_random"]["mse_sd"] == pytest.approx(mse(rec, real).double().std().item())

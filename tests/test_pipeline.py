@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -14,56 +15,13 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Tiny settings per section: the whole chain runs in about a minute on 2 CPU cores.
-TINY = {
-    "base": {"image_size": 8, "threads": 1},
-    "prepare": {"classifier_epochs": 1, "classifier_width": 8},
-    "baseline": {
-        "channels": [8, 16],
-        "attention_head_dim": 8,
-        "images": 256,
-        "batch_size": 32,
-        "n_samples": 16,
-        "sample_steps": 5,
-    },
-    "train": {"z_dim": 8, "images": 256, "batch_size": 32, "eval_images": 16, "eval_steps": 5},
-    "encode": {"xT_images": 8, "xT_steps": 5},
-    "classify": {
-        "xT_steps": 5,
-        "steps": 5,
-        "manipulation_images": 10,
-        "figure_images": 2,
-        "interpolate_pairs": 1,
-        "interpolate_frames": 3,
-    },
-    "latent": {
-        "depth": 2,
-        "width": 32,
-        "images": 512,
-        "latent_steps": 5,
-        "steps": 5,
-        "n_samples": 32,
-        "study_samples": 16,
-        "fewshot_k": [1],
-        "fewshot_samples": 2,
-        "fewshot_draws": 64,
-        "classcond_images": 64,
-        "classcond_scales": [0.0, 1.0],
-        "classcond_samples": 1,
-    },
-    "evaluate": {"steps": [5], "n_images": 8, "metrics": ["ssim", "mse"], "gap_images": 8, "log_models": False},
-}
-
 
 def _tiny_params(project: Path) -> None:
-    from pdae.config import SECTIONS
-
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    for section, values in TINY.items():
-        if section in params:
-            model = SECTIONS[section]
-            params[section].update({k: v for k, v in values.items() if k in model.model_fields})
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    """Shrink the copy's params.yaml with scripts/tiny_params.py (the budget CI's pipeline run uses too)."""
+    spec = importlib.util.spec_from_file_location("tiny_params", ROOT / "scripts" / "tiny_params.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.apply(project / "params.yaml")
 
 
 @pytest.fixture()

@@ -79,11 +79,13 @@ def test_paper_values(name):
     assert (Path(prep.attributes).name if prep.attributes else None) == attributes
     assert (tr.z_dim, tr.batch_size, tr.lr, tr.ema_decay) == (512, 128, 1e-4, 0.9999)
     assert (tr.weighting, tr.gamma, tr.hflip, tr.images) == ("pdae", 0.1, True, images)
+    assert tr.dropout == 0.1 and not (tr.ema_warmup or bl.ema_warmup or lat.ema_warmup)  # official code
+    assert tr.g_skip_norm == "joint"
     assert tr.images % tr.batch_size == 0
     assert (lat.depth, lat.width, lat.weight_decay, lat.images) == (depth, 2048, wd, latent_images)
     assert (lat.beta, lat.T, lat.loss, lat.lr, lat.batch_size, lat.ema_decay) == (0.008, 1000, "l1", 1e-3, 512, 0.9999)
     assert lat.clip_noise and lat.clip_x0 and lat.shift_fraction == 0.7
-    assert ev.steps == [10, 20, 50, 100] and ev.inversion_steps == 1000
+    assert ev.steps == [10, 20, 50, 100] and ev.inversion_steps == 1000 and ev.n_boot >= 2
     assert bl.sample_size == size
 
 

@@ -188,10 +188,10 @@ def _evil_source(kind: str, project: Path, marker: Path) -> tuple[str, dict | Ca
         write_evil_checkpoint(project / "data/prepared/label_classifier/model.safetensors", marker)
         return "", lambda: load_scorer(project / "data/prepared")
     if kind == "inception-weights":  # torch-fidelity itself would unpickle this file with weights_only=False
-        from pdae.metrics.inception import LOCAL_EXTRACTOR, FidHelperInceptionV3
+        from pdae.metrics import inception
 
         path = write_evil_checkpoint(src / "inception.pth", marker)
-        return "", lambda: FidHelperInceptionV3(LOCAL_EXTRACTOR, ["2048"], feature_extractor_weights_path=str(path))
+        return "", lambda: inception.load_pinned_weights(path, inception.STANDARD_SHA256, "Inception weights", "fix")
     if kind == "lpips-alexnet":
         from pdae.metrics.image import _lpips_model
 
@@ -208,8 +208,8 @@ READERS = {
     "diffusers-bin": "cannot load a diffusers UNet2DModel",
     "pdae-weights": "PDAE weights",
     "label-classifier": "label classifier weights",
-    "inception-weights": "is not a plain tensor file",
-    "lpips-alexnet": "LPIPS AlexNet weights: .* cannot be loaded safely: it needs arbitrary unpickling",
+    "inception-weights": "not the pinned 6726825d",
+    "lpips-alexnet": "LPIPS AlexNet weights at .* not the pinned 7be5be79",
 }
 
 

@@ -90,6 +90,13 @@ def test_ema_warmup():
         b.weight.fill_(1.0)
     ema_update(a, b, 0.999, step=0)  # decay = min(0.999, 1/10) = 0.1
     assert torch.allclose(a.weight, torch.full((2, 2), 0.9))
+    with torch.no_grad():
+        a.weight.zero_()
+    ema_update(a, b, 0.99, step=0, warmup=False)  # the constant decay from the first step (official code)
+    torch.testing.assert_close(a.weight, torch.full((2, 2), 0.01))
+    from pdae.config import TrainConfig
+
+    assert make_spec().ema_warmup and not TrainSpec.from_config(TrainConfig(ema_warmup=False), 0, {}).ema_warmup
 
 
 def test_history_and_counts(tmp_path):

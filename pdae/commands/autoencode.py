@@ -6,15 +6,17 @@ from pathlib import Path
 
 import typer
 
+from pdae.commands import options
 from pdae.errors import PdaeError
 
 BASELINE = typer.Option(Path("models/baseline"), "--baseline", help="Baseline DPM folder (baseline stage).")
 PDAE_DIR = typer.Option(Path("models/pdae"), "--pdae", help="PDAE model folder (train stage).")
 DATA = typer.Option(Path("data/prepared"), "--data", help="Prepared data folder (prepare stage).")
 DEVICE = typer.Option("auto", "--device", help="auto | cpu | cuda.")
-SEED = typer.Option(0, "--seed", help="Random seed (random x_T, sample subsets).")
-THREADS = typer.Option(2, "--threads", help="CPU threads.")
-BATCH = typer.Option(256, "--batch-size", help="Images per network call.")
+SEED = options.seed(0, help="Random seed (random x_T, sample subsets).")
+THREADS = options.count(2, "--threads", help="CPU threads.", high=256)
+BATCH = options.count(256, "--batch-size", help="Images per network call.", high=options.MAX_BATCH)
+STEPS_RANGE = {"low": 1, "high": 1000}
 SOLVER = typer.Option("ddim", "--solver", help="Decoding solver: ddim | dpmpp2m | dpmpp3m | unipc.")
 
 
@@ -60,9 +62,9 @@ def read_images(paths: list[Path], image_size: int, channels: int):
 
 def encode_cmd(
     images: list[Path] = typer.Argument(..., help="Image files or folders (resized/centre-cropped to the model)."),
-    out: Path = typer.Option(Path("z.safetensors"), "--out", "-o", help="Output safetensors file (z, optional x_T)."),
+    out: Path = options.out_file(Path("z.safetensors"), "--out", "-o", help="Output safetensors (z, optional x_T)."),
     x_t: bool = typer.Option(False, "--x-t/--no-x-t", help="Also infer the stochastic code x_T (DDIM inversion)."),
-    steps: int = typer.Option(100, "--steps", help="Inversion steps for --x-t."),
+    steps: int = options.count(100, "--steps", help="Inversion steps for --x-t.", **STEPS_RANGE),
     baseline: Path = BASELINE,
     pdae_dir: Path = PDAE_DIR,
     device: str = DEVICE,
@@ -88,16 +90,18 @@ def encode_cmd(
 
 def reconstruct_cmd(
     image: Path | None = typer.Argument(None, help="Image file to reconstruct (or use --index)."),
-    index: int | None = typer.Option(None, "--index", help="Reconstruct test image N of --data instead of a file."),
+    index: int | None = options.count(None, "--index", help="Reconstruct test image N of --data.", low=0),
     x_t: str = typer.Option("inferred", "--x-t", help="inferred (DDIM inversion, near-exact) | random (same z)."),
-    steps: int = typer.Option(100, "--steps", help="Network evaluations of the decoding (and of the inversion)."),
-    solver: str = SOLVER,
-    inversion_steps: int | None = typer.Option(
-        None, "--inversion-steps", help="DDIM inversion steps for --x-t inferred (default: --steps)."
+    steps: int = options.count(
+        100, "--steps", help="Network evaluations of the decoding (and of the inversion).", **STEPS_RANGE
     ),
-    out: Path = typer.Option(Path("reconstruction.png"), "--out", "-o", help="Output PNG."),
+    solver: str = SOLVER,
+    inversion_steps: int | None = options.count(
+        None, "--inversion-steps", help="DDIM inversion steps for --x-t inferred (default: --steps).", high=1000
+    ),
+    out: Path = options.out_file(Path("reconstruction.png"), "--out", "-o", help="Output PNG."),
     compare: bool = typer.Option(True, "--compare/--no-compare", help="Write input | reconstruction side by side."),
-    scale: int = typer.Option(4, "--scale", help="Pixel upscaling of the PNG."),
+    scale: int = options.count(4, "--scale", help="Pixel upscaling of the PNG.", high=options.MAX_ZOOM),
     data: Path = DATA,
     baseline: Path = BASELINE,
     pdae_dir: Path = PDAE_DIR,
@@ -153,18 +157,20 @@ def reconstruct_cmd(
 
 
 def sample_cmd(
-    n: int = typer.Option(16, "--n", help="Number of images."),
-    steps: int = typer.Option(50, "--steps", help="Network evaluations when decoding the images."),
+    n: int = options.count(16, "--n", help="Number of images.", high=options.MAX_IMAGES),
+    steps: int = options.count(50, "--steps", help="Network evaluations when decoding the images.", **STEPS_RANGE),
     solver: str | None = typer.Option(
         None, "--solver", help="Image decoding solver: ddim | dpmpp2m | dpmpp3m | unipc (default: latent.solver)."
     ),
     latent_solver: str | None = typer.Option(
         None, "--latent-solver", help="The latent DPM's solver (same choices; default: latent.latent_solver)."
     ),
-    out: Path = typer.Option(Path("samples.png"), "--out", "-o", help="Output PNG grid."),
-    save_z: Path | None = typer.Option(None, "--save-z", help="Also write the sampled z to this safetensors file."),
+    out: Path = options.out_file(Path("samples.png"), "--out", "-o", help="Output PNG grid."),
+    save_z: Path | None = options.out_file(None, "--save-z", help="Also write the sampled z (safetensors)."),
     latent: Path = typer.Option(Path("models/latent"), "--latent", help="Latent DPM folder (latent stage)."),
-    params: Path = typer.Option(Path("params.yaml"), "--params", help="params.yaml whose `latent` section is used."),
+    params: Path | None = typer.Option(
+        None, "--params", help="params.yaml whose `latent` section is used [params.yaml, defaults if absent]."
+    ),
     baseline: Path = BASELINE,
     pdae_dir: Path = PDAE_DIR,
     device: str = DEVICE,
@@ -184,7 +190,8 @@ def sample_cmd(
             check_solver(name)
     if not latent.is_dir():
         raise PdaeError(f"latent DPM folder not found: {latent} — run the latent stage (dvc repro latent) first.")
-    lat = load_params(params, sections=["latent"])["latent"] if params.is_file() else LatentConfig()
+    path = params or Path("params.yaml")
+    lat = load_params(path, sections=["latent"])["latent"] if params or path.is_file() else LatentConfig()
     dev = prepare(seed, threads, device)
     model, schedule = load(baseline, pdae_dir, dev)
     sampling = LatentSampling(
@@ -206,9 +213,9 @@ def sample_cmd(
 
 
 def gap_cmd(
-    n_images: int = typer.Option(64, "--n-images", help="Test images averaged per t."),
-    out: Path | None = typer.Option(None, "--out", "-o", help="Save the curve as a PNG figure."),
-    csv: Path | None = typer.Option(None, "--csv", help="Save the curve as CSV (t, gap_without, gap_with, ratio)."),
+    n_images: int = options.count(64, "--n-images", help="Test images averaged per t.", high=options.MAX_IMAGES),
+    out: Path | None = options.out_file(None, "--out", "-o", help="Save the curve as a PNG figure."),
+    csv: Path | None = options.out_file(None, "--csv", help="Save the curve as CSV (t, gap_without, gap_with, ratio)"),
     data: Path = DATA,
     baseline: Path = BASELINE,
     pdae_dir: Path = PDAE_DIR,

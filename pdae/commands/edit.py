@@ -6,15 +6,16 @@ from pathlib import Path
 
 import typer
 
+from pdae.commands import options
 from pdae.errors import PdaeError
 
 IMAGES = typer.Argument(None, help="Image file(s) (PNG/JPG/...), centre-cropped and resized to the model size.")
-INDEX = typer.Option(None, "--index", "-i", help="Test image of data/prepared by position (repeatable).")
-STEPS = typer.Option(100, "--steps", min=1, max=1000, help="Network evaluations of the decoding (and the inversion).")
+INDEX = options.count(None, "--index", "-i", help="Test image of data/prepared by position (repeatable).", low=0)
+STEPS = options.count(100, "--steps", help="Network evaluations of the decoding (and the inversion).", high=1000)
 SOLVER = typer.Option("ddim", "--solver", help="Decoding solver: ddim | dpmpp2m | dpmpp3m | unipc.")
-INV_STEPS = typer.Option(None, "--inversion-steps", min=1, max=1000, help="DDIM inversion steps (default: --steps).")
+INV_STEPS = options.count(None, "--inversion-steps", help="DDIM inversion steps (default: --steps).", high=1000)
 DEVICE = typer.Option("auto", "--device", help="auto | cpu | cuda.")
-ZOOM = typer.Option(4, "--zoom", min=1, max=64, help="Integer upscaling of the written PNG.")
+ZOOM = options.count(4, "--zoom", help="Integer upscaling of the written PNG.", high=options.MAX_ZOOM)
 BASELINE = typer.Option(Path("models/baseline"), "--baseline", help="Frozen DPM folder (baseline stage).")
 PDAE_DIR = typer.Option(Path("models/pdae"), "--pdae", help="PDAE folder (train stage).")
 PREPARED = typer.Option(Path("data/prepared"), "--prepared", help="Prepared data folder (for --index).")
@@ -57,10 +58,10 @@ def manipulate_cmd(
     images: list[Path] | None = IMAGES,
     index: list[int] | None = INDEX,
     attr: str = typer.Option(..., "--attr", "-a", help="Attribute to move along (see models/classifier)."),
-    scale: list[float] = typer.Option(
-        [0.0, 1.0, 2.0], "--scale", "-s", help="Edit strength s in z_n + s·√d·w/‖w‖ (repeatable)."
+    scale: list[float] = options.real(
+        [0.0, 1.0, 2.0], "--scale", "-s", help="Edit strength s in z_n + s·√d·w/‖w‖ (repeatable).", low=-100, high=100
     ),
-    out: Path = typer.Option(Path("manipulation.png"), "--out", "-o", help="PNG to write."),
+    out: Path = options.out_file(Path("manipulation.png"), "--out", "-o", help="PNG to write."),
     steps: int = STEPS,
     solver: str = SOLVER,
     inversion_steps: int | None = INV_STEPS,
@@ -116,9 +117,9 @@ def manipulate_cmd(
 def interpolate_cmd(
     images: list[Path] | None = IMAGES,
     index: list[int] | None = INDEX,
-    frames: int = typer.Option(8, "--frames", "-f", min=2, max=256, help="Frames including both endpoints."),
+    frames: int = options.count(8, "--frames", "-f", help="Frames including both endpoints.", low=2, high=256),
     mode: str = typer.Option("both", "--mode", help="lerp (Lerp z + Slerp x_T) | mix (mix G outputs) | both."),
-    out: Path = typer.Option(Path("interpolation.png"), "--out", "-o", help="PNG to write."),
+    out: Path = options.out_file(Path("interpolation.png"), "--out", "-o", help="PNG to write."),
     steps: int = STEPS,
     solver: str = SOLVER,
     inversion_steps: int | None = INV_STEPS,

@@ -1,4 +1,5 @@
-"""Convert official PDAE / Diff-AE pre-trained DPM checkpoints into diffusers `UNet2DModel` folders."""
+"""Convert official pre-trained DPM checkpoints (PDAE, Diff-AE, guided-diffusion/ADM, improved-diffusion) into
+diffusers `UNet2DModel` folders with their scheduler config."""
 
 from __future__ import annotations
 
@@ -15,13 +16,25 @@ from typing import Any, Literal
 import torch
 from diffusers import UNet2DModel
 
+from pdae.convert.adm import adm_spec, read_flags
 from pdae.convert.load import safe_torch_load
 from pdae.convert.mapping import convert_state_dict
 from pdae.convert.spec import DIFFAE_PRESETS, UNetSpec, diffae_preset, diffae_spec, pdae_spec, read_yaml
 from pdae.errors import PdaeError
+from pdae.nets.adapter import (
+    DPM_FILE,
+    SCHEDULER_FILE,
+    DpmSpec,
+    dpm_extra,
+    schedule_from_config,
+    scheduler_config,
+    set_attention_heads,
+)
+from pdae.nets.backbone import Backbone
 
-Kind = Literal["pdae-official", "diffae"]
-KINDS: tuple[str, ...] = ("pdae-official", "diffae")
+Kind = Literal["pdae-official", "diffae", "adm", "improved-diffusion"]
+KINDS: tuple[str, ...] = ("pdae-official", "diffae", "adm", "improved-diffusion")
+ADM_KINDS = ("adm", "improved-diffusion")
 PDAE_FILES = ("checkpoint.pt", "config.yml")
 DIFFAE_FILE = "last.ckpt"
 # Lightning state_dict entries of a Diff-AE DDIM model that are not the EMA UNet (raw weights, sampling buffers).
@@ -90,6 +103,20 @@ def _diffae_source(src: Path, config: ConfigArg) -> tuple[UNetSpec, dict[str, to
     return spec, state
 
 
+def _adm_source(src: Path, kind: str, config: ConfigArg) -> tuple[UNetSpec, dict[str, Any], float, dict]:
+    if src.is_dir():
+        raise PdaeError(f"{src} is a folder; give the {kind} checkpoint file (e.g. 256x256_diffusion_uncond.pt).")
+    spec, sched, scale = adm_spec(kind, read_flags(config, f"{kind} model flags"), f"{kind} model flags")
+    ckpt = safe_torch_load(src, key="state_dict")
+    for key in ("state_dict", "model", "ema"):  # a state dict re-saved under one entry
+        if "time_embed.0.weight" not in ckpt and isinstance(ckpt.get(key), Mapping):
+            ckpt = dict(ckpt[key])
+    if "time_embed.0.weight" not in ckpt:
+        keys = ", ".join(sorted(map(str, ckpt))[:5])
+        raise PdaeError(f"{src} is not a {kind} UNet state dict (no time_embed.0.weight; found: {keys}).")
+    return spec, sched, scale, ckpt
+
+
 def load_official(
     src: str | os.PathLike, kind: Kind, config: ConfigArg = None
 ) -> tuple[UNetSpec, dict[str, torch.Tensor]]:
@@ -99,6 +126,9 @@ def load_official(
         return _pdae_source(src, config)
     if kind == "diffae":
         return _diffae_source(src, config)
+    if kind in ADM_KINDS:
+        spec, _, _, state = _adm_source(src, kind, config)
+        return spec, state
     raise PdaeError(f"unknown checkpoint kind '{kind}'; use one of {', '.join(KINDS)}.")
 
 
@@ -133,10 +163,41 @@ def convert_checkpoint(
         sample_size = int(found.group(1)) if found else None
     if sample_size is not None:
         spec = dataclasses.replace(spec, sample_size=int(sample_size))
+    return _build(spec, state, str(src))
+
+
+def _build(spec: UNetSpec, state: Mapping[str, torch.Tensor], what: str) -> UNet2DModel:
     model = UNet2DModel(**spec.diffusers_config())
-    converted = convert_state_dict(spec, state, model.state_dict(), what=str(src))
-    model.load_state_dict(converted, strict=True)
+    model.load_state_dict(convert_state_dict(spec, state, model.state_dict(), what=what), strict=True)
     return model.eval()
+
+
+def convert_dpm(
+    src: str | os.PathLike,
+    kind: Kind,
+    config: ConfigArg = None,
+    *,
+    sample_size: int | None = None,
+) -> tuple[UNet2DModel, dict[str, Any], dict[str, Any]]:
+    """(UNet2DModel, its diffusers scheduler config, adapter settings) of an official checkpoint.
+
+    The PDAE and Diff-AE DPMs are epsilon models on the linear 1e-4..0.02 schedule with T = 1000 and integer t.
+    ADM / improved-diffusion: `config` holds the model flags (a '--flag value' string, or a YAML/JSON/flags file);
+    schedule, prediction type and timestep scale follow from them (pdae.convert.adm.adm_spec). Adapter settings:
+    {"timestep_scale": float, "attention_heads": int | None} (pdae.nets.adapter.DpmSpec); attention heads are also
+    set on the returned model, so that calling it directly is already correct.
+    """
+    if kind not in ADM_KINDS:
+        unet = convert_checkpoint(src, kind, config, sample_size=sample_size)
+        return unet, scheduler_config(), {"timestep_scale": 1.0, "attention_heads": None}
+    spec, sched, scale, state = _adm_source(Path(src), kind, config)
+    if sample_size is not None and sample_size != spec.sample_size:
+        raise PdaeError(f"sample_size {sample_size} contradicts the model flags' image_size {spec.sample_size}.")
+    unet = _build(spec, state, str(src))
+    heads = spec.fixed_heads()
+    if heads is not None:
+        set_attention_heads(unet, heads)
+    return unet, sched, {"timestep_scale": scale, "attention_heads": heads}
 
 
 def convert_to_folder(
@@ -146,21 +207,30 @@ def convert_to_folder(
     config: ConfigArg = None,
     *,
     sample_size: int | None = None,
+    class_label: int | None = None,
 ) -> Path:
-    """Convert (as convert_checkpoint) and save a diffusers folder (config.json + safetensors) atomically at `dst`.
+    """Convert (as convert_dpm) and save a model folder atomically at `dst`: diffusers config.json + safetensors,
+    scheduler_config.json and, when needed, pdae_dpm.json (class label, timestep scale; pdae.nets.adapter).
 
     The folder is written beside `dst` under a temporary name and renamed into place; an existing `dst` is replaced
-    only if it is itself a diffusers model folder (has config.json). Returns `dst`.
+    only if it is itself a diffusers model folder (has config.json). A class-conditional model needs `class_label`.
+    Returns `dst`.
     """
     dst = Path(dst)
     if dst.exists() and not (dst.is_dir() and (dst / "config.json").is_file()):
         raise PdaeError(f"{dst} exists and is not a diffusers model folder; choose another destination or remove it.")
-    model = convert_checkpoint(src, kind, config, sample_size=sample_size)
+    model, scheduler, adapter = convert_dpm(src, kind, config, sample_size=sample_size)
+    extra = dpm_extra(class_label, **adapter)
+    # Refuse what the adapter cannot run (e.g. a class-conditional model without a label) before writing anything.
+    Backbone(model, DpmSpec(schedule_from_config(scheduler), scheduler["prediction_type"], **(extra or {})))
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
     old = dst.with_name(f".{dst.name}.old")
     try:
         model.save_pretrained(tmp, safe_serialization=True)
+        (tmp / SCHEDULER_FILE).write_text(json.dumps(scheduler, indent=2) + "\n")
+        if extra:
+            (tmp / DPM_FILE).write_text(json.dumps(extra, indent=2) + "\n")
         provenance = {"source": str(Path(src).resolve()), "kind": kind, "converter": "pdae.convert"}
         (tmp / "conversion.json").write_text(json.dumps(provenance, indent=2) + "\n")
         if dst.exists():

@@ -9,6 +9,7 @@ inert stand-ins: nothing from the file is imported or executed. Any other global
 from __future__ import annotations
 
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +46,7 @@ def _stand_in(name: str) -> Any:
 
 def _resave_hint(path: Path, key: str) -> str:
     return (
-        f'if you trust the file, re-save only the weights in a trusted environment, e.g. python -c "import torch; '
-        f"c = torch.load('{path}', weights_only=False); torch.save({{'{key}': c['{key}']}}, 'weights.pt')\", "
-        "and convert that file"
+        f"get a weights-only copy of it (its '{key}' tensors as safetensors or a plain state dict) from its publisher"
     )
 
 
@@ -75,21 +74,22 @@ def safe_torch_load(path: str | Path, key: str, allow_lightning: bool = False) -
     if not path.is_file():
         raise PdaeError(f"checkpoint not found: {path}; check the path (or download it first).")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on weights_only belong to no refusal of ours
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         names = _unsafe_globals(path)
         if not names:  # nothing unsafe could be listed: damaged, or a legacy file refused for its content
-            first = str(err).strip().splitlines()[0][:200] if str(err).strip() else "unpickling failed"
             raise PdaeError(
-                f"{path} is not a readable torch checkpoint, or needs arbitrary unpickling ({first}); "
-                + _resave_hint(path, key)
-                + "."
+                f"{path} is not a readable torch checkpoint, or needs arbitrary unpickling "
+                "(refused by the weights-only reader); " + _resave_hint(path, key) + "."
             ) from err
         if not allow_lightning:
             raise _refuse(path, key, names) from err
         obj = _load_lightning(path, key, names)
     except (RuntimeError, EOFError, OSError, ValueError) as err:
-        detail = (str(err).strip().split(". ")[0].splitlines() or [type(err).__name__])[0][:200]
+        detail = (str(err).strip().split(". ")[0].splitlines() or [type(err).__name__])[0]
+        detail = detail if len(detail) <= 160 else type(err).__name__
         raise PdaeError(
             f"{path} is not a readable torch checkpoint ({detail}); it is truncated or damaged — download it again."
         ) from err
@@ -112,7 +112,8 @@ def _load_lightning(path: Path, key: str, names: list[str]) -> dict[str, Any]:
         raise _refuse(path, key, [n for n in names if n not in lightning])
     stand_ins = [(_stand_in(n), n) for n in names]
     try:
-        with torch.serialization.safe_globals(stand_ins):
+        with torch.serialization.safe_globals(stand_ins), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise _refuse(path, key, names) from err

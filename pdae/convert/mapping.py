@@ -28,8 +28,12 @@ _RES = {
 
 
 def module_plan(spec: UNetSpec) -> list[tuple[str, str, str]]:
-    """(official module, diffusers module, kind) for every module with weights; kind in {plain, res, attn}."""
+    """(official module, diffusers module, kind) for every module with weights; kind in {plain, res, attn, down}.
+
+    Conv resampling (resblock_updown False): the down conv is `op` (diffusers `conv`), the up conv `conv` (same).
+    """
     n, nres, attn = len(spec.channel_mult), spec.num_res_blocks, set(spec.attention_levels)
+    updown = spec.resblock_updown
     plan = [
         ("time_embed.0", "time_embedding.linear_1", "plain"),
         ("time_embed.2", "time_embedding.linear_2", "plain"),
@@ -45,7 +49,7 @@ def module_plan(spec: UNetSpec) -> list[tuple[str, str, str]]:
                 plan.append((f"input_blocks.{k}.1", f"down_blocks.{lv}.attentions.{j}", "attn"))
             k += 1
         if lv != n - 1:
-            plan.append((f"input_blocks.{k}.0", f"down_blocks.{lv}.downsamplers.0", "res"))
+            plan.append((f"input_blocks.{k}.0", f"down_blocks.{lv}.downsamplers.0", "res" if updown else "down"))
             k += 1
     plan += [
         ("middle_block.0", "mid_block.resnets.0", "res"),
@@ -61,7 +65,7 @@ def module_plan(spec: UNetSpec) -> list[tuple[str, str, str]]:
                 plan.append((f"output_blocks.{k}.1", f"up_blocks.{i}.attentions.{j}", "attn"))
                 m = 2
             if lv > 0 and j == nres:
-                plan.append((f"output_blocks.{k}.{m}", f"up_blocks.{i}.upsamplers.0", "res"))
+                plan.append((f"output_blocks.{k}.{m}", f"up_blocks.{i}.upsamplers.0", "res" if updown else "plain"))
             k += 1
     plan += [("out.0", "conv_norm_out", "plain"), ("out.2", "conv_out", "plain")]
     return plan
@@ -88,6 +92,10 @@ def _source_for(kind: str, rest: str) -> tuple[str, Callable[[torch.Tensor], tor
     name, _, param = rest.rpartition(".")
     if kind == "plain":
         return rest, None, None
+    if kind == "down":
+        if name != "conv":
+            raise KeyError(rest)
+        return f"op.{param}", None, None
     if kind == "res":
         if name not in _RES:
             raise KeyError(rest)

@@ -44,6 +44,9 @@ class UNetSpec:
     embed_channels: int | None = None  # time-embedding width E; None -> 4 * base_channels
     sample_size: int | None = None
     num_classes: int | None = None
+    resblock_updown: bool = True  # False: conv resampling (strided conv down, nearest + conv up)
+    scale_shift: bool = True  # False: the time embedding is added after the first conv (no scale-shift norm)
+    adapter_heads: bool = False  # True: a fixed head count diffusers cannot express is set by the DPM adapter
     source: str = "config"  # where the spec came from, for error messages
 
     @property
@@ -63,7 +66,8 @@ class UNetSpec:
         """diffusers' single `attention_head_dim` reproducing the heads at every attention block (None = 1 head).
 
         diffusers derives heads = C // attention_head_dim per block, so a fixed head count with different widths
-        (other than one head everywhere) has no exact equivalent and is rejected.
+        (other than one head everywhere) has no exact equivalent: rejected, unless `adapter_heads` (then the config
+        says one head and `fixed_heads()` gives the count the adapter sets on every attention module).
         """
         widths = sorted({self.channels[lv] for lv in self.attention_levels} | {self.channels[-1]})
         if self.head_channels > 0:
@@ -72,10 +76,18 @@ class UNetSpec:
             return None
         if len(widths) == 1:
             return widths[0] // self.num_heads
+        if self.adapter_heads:
+            return None
         raise PdaeError(
             f"{self.source}: num_heads={self.num_heads} on attention widths {widths} gives different head widths, "
             "which diffusers' UNet2DModel (one attention_head_dim) cannot express; such a checkpoint is not supported."
         )
+
+    def fixed_heads(self) -> int | None:
+        """Head count the adapter must set on every attention module (pdae_dpm.json `attention_heads`), or None."""
+        if self.adapter_heads and self.head_channels <= 0 and self.num_heads > 1 and self.attention_head_dim() is None:
+            return self.num_heads
+        return None
 
     def validate(self) -> UNetSpec:
         """Check what the diffusers equivalent needs; returns self."""
@@ -103,10 +115,12 @@ class UNetSpec:
         """Keyword arguments of the equivalent diffusers `UNet2DModel`."""
         n = len(self.channel_mult)
         attn = set(self.attention_levels)
-        down = [
-            ("AttnDownBlock2D" if lv in attn else "ResnetDownsampleBlock2D") for lv in range(n)
-        ]  # level order: full resolution first
-        up = [("AttnUpBlock2D" if lv in attn else "ResnetUpsampleBlock2D") for lv in reversed(range(n))]
+        plain_down, plain_up = ("DownBlock2D", "UpBlock2D")
+        if self.resblock_updown:
+            plain_down, plain_up = ("ResnetDownsampleBlock2D", "ResnetUpsampleBlock2D")
+        down = [("AttnDownBlock2D" if lv in attn else plain_down) for lv in range(n)]  # full resolution first
+        up = [("AttnUpBlock2D" if lv in attn else plain_up) for lv in reversed(range(n))]
+        resample = "resnet" if self.resblock_updown else "conv"
         cfg: dict[str, Any] = {
             "sample_size": self.sample_size,
             "in_channels": self.in_channels,
@@ -118,8 +132,8 @@ class UNetSpec:
             "up_block_types": tuple(up),
             "block_out_channels": self.channels,
             "layers_per_block": self.num_res_blocks,
-            "downsample_type": "resnet",
-            "upsample_type": "resnet",
+            "downsample_type": resample,
+            "upsample_type": resample,
             "dropout": float(self.dropout),
             "act_fn": "silu",
             "attention_head_dim": self.attention_head_dim(),
@@ -127,7 +141,7 @@ class UNetSpec:
             # without this diffusers drops the middle attention's GroupNorm under scale_shift; the official has it
             "attn_norm_num_groups": NORM_GROUPS,
             "norm_eps": NORM_EPS,
-            "resnet_time_scale_shift": "scale_shift",
+            "resnet_time_scale_shift": "scale_shift" if self.scale_shift else "default",
             "num_class_embeds": self.num_classes,
         }
         if self.embed_channels is not None and self.embed_channels != 4 * self.base_channels:

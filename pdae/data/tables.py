@@ -14,6 +14,9 @@ import pandas as pd
 
 from pdae.errors import PdaeError
 
+# Largest class index a `label` column may hold (the label classifier has one output per class).
+MAX_LABEL = 65_535
+
 
 def _read_text(path: Path) -> str:
     if not path.is_file():
@@ -112,12 +115,12 @@ def _validate(path: Path, frame: pd.DataFrame, line_numbers: list[int]) -> pd.Da
             )
         arr = values.to_numpy(dtype=np.float64)
         if col == "label":
-            bad = (arr < 0) | (arr != np.floor(arr))
+            bad = ~np.isfinite(arr) | (arr < 0) | (arr != np.floor(arr)) | (arr > MAX_LABEL)
             if bad.any():
                 i = int(np.flatnonzero(bad)[0])
                 raise PdaeError(
                     f"attribute table {path} line {line_numbers[i]} ({names.iloc[i]}): label {raw.iloc[i]!r} is not "
-                    "a class index; labels must be integers 0, 1, 2, ..."
+                    f"a class index; labels must be integers 0, 1, 2, ... up to {MAX_LABEL}."
                 )
             out["label"] = arr.astype(np.int64)
             continue

@@ -76,24 +76,30 @@ def alexnet_checkpoint_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / name
 
 
+# sha256 of torchvision's alexnet-owt-7be5be79.pth (244,408,911 bytes; its name carries the prefix) and of the
+# LPIPS v0.1 linear-layer file shipped in the lpips package (lpips/weights/v0.1/alex.pth).
+ALEXNET_SHA256 = "7be5be791159472b1fbf3c69796f7cb30dca7ad8466c2df70058c37116cdee02"
+LPIPS_LINEAR_SHA256 = "df73285e35b22355a2df87cdb6b70b343713b667eddbda73e1977e0c860835c0"
+ALEXNET_URL = "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"
+_ALEXNET_FIX = f"download {ALEXNET_URL} to that path again (its sha256 is checked before it is read)"
+
+
 @functools.lru_cache(maxsize=2)
 def _lpips_model(checkpoint: str) -> torch.nn.Module:
-    """LPIPS(alex, v0.1) whose AlexNet trunk is loaded from `checkpoint` (and nothing else: no download path)."""
+    """LPIPS(alex, v0.1) built empty, then filled from `checkpoint` (AlexNet trunk) and the lpips package's file.
+
+    Both files are read by pdae.io.load_pinned_weights (pinned sha256, then weights_only=True); lpips and
+    torchvision load nothing themselves (no download path, no unpickling).
+    """
     import lpips
+
+    from pdae.io import load_pinned_weights
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torchvision's `pretrained=` deprecation inside lpips
-        # pnet_rand=True builds the trunk without fetching anything; its weights are replaced from the file below.
-        model = lpips.LPIPS(net="alex", version="0.1", pretrained=True, pnet_rand=True, verbose=False)
-    from pdae.convert.load import safe_torch_load
-
-    try:
-        state = safe_torch_load(checkpoint, "features.0.weight")
-    except PdaeError as err:  # the loader's line names the file and what is wrong with it
-        raise PdaeError(
-            f"LPIPS AlexNet weights: {str(err).rstrip('.')}. Delete the cached file and fetch it again with "
-            "torchvision.models.alexnet(weights='IMAGENET1K_V1')."
-        ) from None
+        # pnet_rand=True / pretrained=False: the trunk and the linear layers are built without reading any file.
+        model = lpips.LPIPS(net="alex", version="0.1", pretrained=False, pnet_rand=True, verbose=False)
+    state = load_pinned_weights(checkpoint, ALEXNET_SHA256, "LPIPS AlexNet weights", _ALEXNET_FIX)
     wanted = {k for k in state if k.startswith("features.")}
     loaded: set[str] = set()
     with torch.no_grad():
@@ -108,10 +114,10 @@ def _lpips_model(checkpoint: str) -> torch.nn.Module:
     if loaded != wanted or len(loaded) != 10:
         raise PdaeError(f"{checkpoint}: loaded {len(loaded)} of {len(wanted)} AlexNet feature tensors, expected 10.")
     lin_file = Path(lpips.__file__).parent / "weights" / "v0.1" / "alex.pth"
-    lin_state = torch.load(lin_file, map_location="cpu", weights_only=True)
-    current = model.state_dict()
-    if not all(torch.equal(current[k], v) for k, v in lin_state.items()):
-        raise PdaeError(f"LPIPS linear weights were not loaded from {lin_file}; reinstall lpips.")
+    lin_state = load_pinned_weights(lin_file, LPIPS_LINEAR_SHA256, "LPIPS linear weights", "reinstall lpips")
+    result = model.load_state_dict(lin_state, strict=False)
+    if result.unexpected_keys or sorted(lin_state) != [f"lin{i}.model.1.weight" for i in range(5)]:
+        raise PdaeError(f"LPIPS linear weights in {lin_file} do not match LPIPS(alex); reinstall lpips.")
     return model.eval().requires_grad_(False)
 
 
@@ -128,8 +134,8 @@ def lpips_distance(x: torch.Tensor, y: torch.Tensor, batch_size: int = 64) -> tu
     checkpoint = alexnet_checkpoint_path()
     if not checkpoint.is_file():
         return None, (
-            f"AlexNet ImageNet weights not in the torch hub cache ({checkpoint}); run once with internet to fetch "
-            "them (e.g. torchvision.models.alexnet(weights='IMAGENET1K_V1'))"
+            f"AlexNet ImageNet weights not in the torch hub cache ({checkpoint}); download {ALEXNET_URL} there "
+            "(pdae checks its sha256 and never unpickles it)"
         )
     model = _lpips_model(str(checkpoint)).to(x.device)
     factor = math.ceil(LPIPS_MIN_SIZE / min(x.shape[-2:]))

@@ -6,9 +6,12 @@ This is the only module (besides checkpoint converters) that knows diffusers' bl
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +21,7 @@ from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
 from pdae.errors import PdaeError
+from pdae.nets.adapter import DpmSpec, eps_from_output, read_dpm_spec, set_attention_heads
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # owner/name, as the hub spells ids
 SUPPORTED_DOWN = ("DownBlock2D", "AttnDownBlock2D", "ResnetDownsampleBlock2D")
@@ -35,11 +39,15 @@ class Features:
             last; the up path pops them from the end.
         h: bottleneck (N, channels[-1], H / 2**(L-1), W / 2**(L-1)) BEFORE the frozen middle block; the frozen and the
             new middle block each start from it (as the reference implementation does).
+        x_t, t: the input (N, C, H, W) and integer timesteps (N,) the features were computed at; the frozen output
+            needs them to convert v / x0 predictions to epsilon.
     """
 
     emb: torch.Tensor
     skips: tuple[torch.Tensor, ...]
     h: torch.Tensor
+    x_t: torch.Tensor | None = None
+    t: torch.Tensor | None = None
 
 
 # One up-path level: the gradient estimator builds the same shape from its own (z-conditioned) layers.
@@ -83,7 +91,11 @@ def _timesteps(t: torch.Tensor | int | float, batch: int, device: torch.device) 
 
 
 class Backbone(nn.Module):
-    """A frozen diffusers UNet2DModel (epsilon prediction), split into features / eps_from_features.
+    """A frozen diffusers UNet2DModel seen as an epsilon predictor, split into features / eps_from_features.
+
+    `dpm` says how the network is run and read (pdae.nets.adapter.DpmSpec): its output (epsilon, v or x0; C or 2C
+    channels for learned variance) is converted to epsilon, a class-conditional network runs with `dpm.class_label`,
+    and the timestep input is scaled by `dpm.timestep_scale`. Default: an unconditional epsilon model.
 
     The wrapped UNet is put in eval mode with requires_grad False and stays in eval mode (``train()`` is a no-op).
     No computation builds an autograd graph: ``features`` runs under ``torch.no_grad()`` and returns ordinary tensors
@@ -95,12 +107,16 @@ class Backbone(nn.Module):
     ResnetUpsampleBlock2D, UNetMidBlock2D or no middle block (e.g. google/ddpm-* and our BeatGANs-style UNets).
     """
 
-    def __init__(self, unet: UNet2DModel) -> None:
+    def __init__(self, unet: UNet2DModel, dpm: DpmSpec | None = None) -> None:
         super().__init__()
-        _check_supported(unet)
+        dpm = dpm if dpm is not None else DpmSpec()
+        _check_supported(unet, dpm)
+        if dpm.attention_heads is not None:
+            set_attention_heads(unet, dpm.attention_heads)
         unet.eval()
         unet.requires_grad_(False)
         self.unet = unet
+        self.dpm = dpm
         self.plan = _make_plan(unet)
 
     def train(self, mode: bool = True) -> Backbone:
@@ -137,21 +153,27 @@ class Backbone(nn.Module):
             t: integer timesteps in [0, T) as (N,) or a scalar.
         """
         unet = self.unet
+        x_in = x_t
         if unet.config.center_input_sample:
             x_t = 2 * x_t - 1.0
         ts = _timesteps(t, x_t.shape[0], x_t.device)
-        emb = unet.time_embedding(unet.time_proj(ts).to(dtype=unet.dtype))
+        model_t = ts if self.dpm.timestep_scale == 1.0 else ts * self.dpm.timestep_scale
+        emb = unet.time_embedding(unet.time_proj(model_t).to(dtype=unet.dtype))
+        if unet.class_embedding is not None:
+            labels = torch.full((x_t.shape[0],), int(self.dpm.class_label), dtype=torch.long, device=x_t.device)
+            emb = emb + unet.class_embedding(labels).to(dtype=emb.dtype)
         h = unet.conv_in(x_t)
         skips: tuple[torch.Tensor, ...] = (h,)
         for block in unet.down_blocks:
             h, res = block(hidden_states=h, temb=emb)
             skips += res
-        return Features(emb=emb, skips=skips, h=h)
+        return Features(emb=emb, skips=skips, h=h, x_t=x_in, t=ts)
 
     def eps_from_features(self, feats: Features) -> torch.Tensor:
         """Frozen middle block + up path + output head: the pre-trained noise prediction eps_hat (N, C, H, W).
 
-        Runs in inference mode (cheaper than no_grad); the result is returned as an ordinary tensor.
+        The raw output is converted to epsilon (pdae.nets.adapter.eps_from_output). Runs in inference mode (cheaper
+        than no_grad); the result is returned as an ordinary tensor.
         """
         unet = self.unet
         with torch.inference_mode():
@@ -162,7 +184,10 @@ class Backbone(nn.Module):
                 n = len(block.resnets)
                 h = block(h, skips[-n:], emb)
                 skips = skips[:-n]
-            eps = unet.conv_out(unet.conv_act(unet.conv_norm_out(h)))
+            out = unet.conv_out(unet.conv_act(unet.conv_norm_out(h)))
+            if self.dpm.prediction_type != "epsilon" and (feats.x_t is None or feats.t is None):
+                raise PdaeError("Features without x_t / t cannot be converted to epsilon; use Backbone.features.")
+            eps = eps_from_output(out, feats.x_t, feats.t, self.dpm, self.in_channels)
         return eps.clone() if not torch.is_inference_mode_enabled() else eps
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
@@ -170,15 +195,37 @@ class Backbone(nn.Module):
         return self.eps_from_features(self.features(x, t))
 
 
-def _check_supported(unet: UNet2DModel) -> None:
+def _check_supported(unet: UNet2DModel, dpm: DpmSpec) -> None:
     if not isinstance(unet, UNet2DModel):
-        raise PdaeError(f"the backbone must be a diffusers UNet2DModel, got {type(unet).__name__}.")
+        found = type(unet).__name__
+        raise PdaeError(f"the backbone must be a diffusers UNet2DModel (an unconditional image DPM), got {found}.")
     cfg = unet.config
     what = f"UNet2DModel (down blocks {list(cfg.down_block_types)})"
     if unet.class_embedding is not None:
-        raise PdaeError(f"{what} is class-conditional; PDAE needs an unconditional DPM.")
+        n = getattr(unet.class_embedding, "num_embeddings", None)
+        if n is None or cfg.class_embed_type is not None:
+            raise PdaeError(
+                f"{what} has a '{cfg.class_embed_type}' class embedding; only label embeddings are supported."
+            )
+        if dpm.class_label is None:
+            raise PdaeError(
+                f"{what} is class-conditional ({n} labels); choose the label it runs with: baseline.class_label "
+                "(or --class-label), e.g. its null label if it was trained with one."
+            )
+        if not 0 <= dpm.class_label < n:
+            raise PdaeError(f"class label {dpm.class_label} is outside the model's {n} labels (0..{n - 1}).")
+    elif dpm.class_label is not None:
+        raise PdaeError(f"class label {dpm.class_label} given but {what} is unconditional; remove the label.")
     if cfg.time_embedding_type not in ("positional", "learned"):
-        raise PdaeError(f"{what} uses a '{cfg.time_embedding_type}' time embedding; use an epsilon-prediction DDPM.")
+        raise PdaeError(
+            f"{what} uses a '{cfg.time_embedding_type}' time embedding (a score-SDE / continuous-time model); "
+            "PDAE supports discrete-time DDPM-family UNets with positional or learned time embeddings."
+        )
+    if cfg.out_channels not in (cfg.in_channels, 2 * cfg.in_channels):
+        raise PdaeError(
+            f"{what} outputs {cfg.out_channels} channels for {cfg.in_channels}-channel inputs; expected C (epsilon, "
+            "v or x0) or 2C (learned variance)."
+        )
     for block in unet.down_blocks:
         if type(block).__name__ not in SUPPORTED_DOWN:
             raise PdaeError(f"{what}: down block {type(block).__name__} is not supported (use {SUPPORTED_DOWN}).")
@@ -234,8 +281,22 @@ def _make_plan(unet: UNet2DModel) -> UpPathPlan:
     )
 
 
+@contextlib.contextmanager
+def quiet_diffusers() -> Iterator[None]:
+    """Silence diffusers' logger (e.g. "Defaulting to unsafe serialization") around a load: failures raise instead."""
+    log = logging.getLogger("diffusers")
+    level = log.level
+    log.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def load_backbone(path: str | os.PathLike, subfolder: str | None = None) -> Backbone:
     """Load a frozen Backbone from a diffusers UNet2DModel folder (config.json + weights), local files only.
+
+    The folder's scheduler_config.json / pdae_dpm.json give its DpmSpec (pdae.nets.adapter.read_dpm_spec).
 
     `path` may also be a hub id already in the local cache (e.g. google/ddpm-cifar10-32); nothing is downloaded.
     A missing folder, a folder without a readable UNet2DModel or an unsupported architecture raise PdaeError.
@@ -250,7 +311,7 @@ def load_backbone(path: str | os.PathLike, subfolder: str | None = None) -> Back
     if Path(path).exists() and not (where / "config.json").is_file():
         raise PdaeError(f"no diffusers UNet2DModel in {where} (config.json missing); run the baseline stage first.")
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), quiet_diffusers():
             warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")  # diffusers -> huggingface_hub
             unet = UNet2DModel.from_pretrained(str(path), subfolder=subfolder, local_files_only=True)
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as err:
@@ -258,4 +319,4 @@ def load_backbone(path: str | os.PathLike, subfolder: str | None = None) -> Back
             raise missing from err
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise PdaeError(f"cannot load a UNet2DModel from {where} ({first}); re-create it or fix the path.") from err
-    return Backbone(unet.float())
+    return Backbone(unet.float(), read_dpm_spec(where) if Path(where).is_dir() else None)

@@ -21,10 +21,12 @@ class ZResBlock(nn.Module):
     h = (1 + s_z) * (GN(h) * (1 + s_t) + b_t) + b_z;
     return shortcut(x) + conv2(Dropout(SiLU(h))) with conv2 zero-initialised, shortcut = identity or 1x1 conv.
 
-    Up-path blocks take x = cat(hidden, skip) with `skip` a frozen down-path feature map (skip_ch > 0). The two parts
-    are normalised separately (GroupNorm groups never straddle them) and the frozen part without a learnable affine:
-    it is then a constant, so conv1 and the shortcut are split into a hidden and a skip convolution and backward
-    computes no input gradient for the skip channels. Otherwise this is the block above applied to the concatenation.
+    Up-path blocks take x = cat(hidden, skip) with `skip` a frozen down-path feature map (skip_ch > 0). conv1 and the
+    shortcut are split into a hidden and a skip convolution (backward computes no input gradient for the skip
+    channels). skip_norm "separate" (default): the two parts are normalised separately (GroupNorm groups never
+    straddle them) and the frozen part without a learnable affine, so its activation is a constant. skip_norm
+    "joint": one GroupNorm(groups) with affine over the concatenation, as the official code's shift blocks do; the
+    block is then exactly the one above applied to cat(hidden, skip).
 
     forward(x (N, in, H, W), t_act (N, E), z_act (N or 1, E), skip (N, skip_ch, H, W) or None) -> (N, out, H', W'),
     H' = 2H when `up`. t_act / z_act are SiLU(t_emb) / SiLU(z_emb), computed once per G forward.
@@ -40,12 +42,16 @@ class ZResBlock(nn.Module):
         groups: int = 32,
         eps: float = 1e-5,
         skip_ch: int = 0,
+        skip_norm: str = "separate",
     ) -> None:
         super().__init__()
         if up and skip_ch:
             raise ValueError("an upsampling z-ResBlock takes no skip input")
-        self.up, self.eps = up, eps
-        self.norm1 = group_norm(in_ch, groups, eps)
+        if skip_norm not in ("separate", "joint"):
+            raise ValueError(f"skip_norm must be 'separate' or 'joint', got '{skip_norm}'")
+        self.up, self.eps, self.in_ch = up, eps, in_ch
+        self.joint = skip_norm == "joint" and skip_ch > 0
+        self.norm1 = group_norm(in_ch + skip_ch if self.joint else in_ch, groups, eps)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.skip_groups = groups_for(skip_ch, groups) if skip_ch else 0
         self.conv1_skip = nn.Conv2d(skip_ch, out_ch, 3, padding=1, bias=False) if skip_ch else None
@@ -61,6 +67,13 @@ class ZResBlock(nn.Module):
     def forward(
         self, x: torch.Tensor, t_act: torch.Tensor, z_act: torch.Tensor, skip: torch.Tensor | None = None
     ) -> torch.Tensor:
+        if self.joint:  # one GroupNorm over cat(hidden, skip), then the split convolutions
+            a = F.silu(self.norm1(torch.cat([x, skip.to(x.dtype)], dim=1)))
+            h, a_skip = self.conv1(a[:, : self.in_ch]), a[:, self.in_ch :]
+            out = self.shortcut(x) + self.shortcut_skip(skip)
+            h = h + self.conv1_skip(a_skip)
+            h = modulate_twice(h, self.norm2, self.t_proj(t_act), self.z_proj(z_act))
+            return out + self.conv2(self.dropout(F.silu(h)))
         h = F.silu(self.norm1(x))
         if self.up:
             h = upsample_conv3x3(h, self.conv1.weight, self.conv1.bias)
@@ -90,12 +103,15 @@ class UpLevel(nn.Module):
     """One up-path level of G: z-ResBlocks (each after concatenating one skip), optional attention after each,
     optional upsampler."""
 
-    def __init__(self, plan: UpBlockPlan, emb_dim: int, dropout: float, groups: int, eps: float) -> None:
+    def __init__(
+        self, plan: UpBlockPlan, emb_dim: int, dropout: float, groups: int, eps: float, skip_norm: str = "separate"
+    ) -> None:
         super().__init__()
         self.resnets = nn.ModuleList()
         hidden = plan.in_channels
         for skip in plan.skip_channels:
-            self.resnets.append(ZResBlock(hidden, plan.out_channels, emb_dim, dropout, False, groups, eps, skip))
+            block = ZResBlock(hidden, plan.out_channels, emb_dim, dropout, False, groups, eps, skip, skip_norm)
+            self.resnets.append(block)
             hidden = plan.out_channels
         heads = plan.attention_heads
         self.attentions = nn.ModuleList(
@@ -120,6 +136,7 @@ class GradientEstimator(nn.Module):
         plan: the frozen UNet's up-path plan (Backbone.plan).
         z_dim: size of the semantic code z.
         dropout: dropout inside the z-ResBlocks.
+        skip_norm: "separate" | "joint": how up-path blocks normalise cat(hidden, frozen skip) (see ZResBlock).
 
     Setting `grad_checkpoint = True` makes forward passes that record gradients keep only each block's inputs and
     recompute the block in backward (less activation memory, one more forward of G per step; same gradients).
@@ -127,7 +144,7 @@ class GradientEstimator(nn.Module):
 
     grad_checkpoint: bool = False
 
-    def __init__(self, plan: UpPathPlan, z_dim: int, dropout: float = 0.0) -> None:
+    def __init__(self, plan: UpPathPlan, z_dim: int, dropout: float = 0.0, skip_norm: str = "separate") -> None:
         super().__init__()
         self.plan, self.z_dim = plan, z_dim
         e, c, g, eps = plan.emb_dim, plan.mid_channels, plan.norm_groups, plan.norm_eps
@@ -139,7 +156,7 @@ class GradientEstimator(nn.Module):
                 ZResBlock(c, c, e, dropout, False, g, eps),
             ]
         )
-        self.levels = nn.ModuleList([UpLevel(b, e, dropout, g, eps) for b in plan.blocks])
+        self.levels = nn.ModuleList([UpLevel(b, e, dropout, g, eps, skip_norm) for b in plan.blocks])
         last = plan.blocks[-1].out_channels if plan.blocks else c
         self.out_norm = group_norm(last, g, eps)
         self.out_conv = zero_module(nn.Conv2d(last, plan.image_channels, 3, padding=1))

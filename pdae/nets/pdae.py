@@ -39,6 +39,7 @@ class PDAE(nn.Module):
         z_dim: size of the semantic code.
         encoder_channels: Encoder conv widths (default by image size, see pdae.nets.encoder.ENCODER_PLANS).
         dropout: dropout inside G's z-ResBlocks.
+        skip_norm: "separate" | "joint" (official code): G's normalisation of cat(hidden, frozen skip).
         num_classes: if set, class-conditional mode: E is replaced by a learned embedding of integer labels.
     """
 
@@ -49,6 +50,7 @@ class PDAE(nn.Module):
         encoder_channels: list[int] | None = None,
         dropout: float = 0.0,
         num_classes: int | None = None,
+        skip_norm: str = "separate",
     ) -> None:
         super().__init__()
         object.__setattr__(self, "_backbone", backbone)
@@ -57,7 +59,7 @@ class PDAE(nn.Module):
             self.encoder: nn.Module = LabelEncoder(num_classes, z_dim)
         else:
             self.encoder = Encoder(size, ch, z_dim, encoder_channels)
-        self.gradient = GradientEstimator(backbone.plan, z_dim, dropout)
+        self.gradient = GradientEstimator(backbone.plan, z_dim, dropout, skip_norm)
         self.config: dict[str, Any] = {
             "format": FORMAT,
             "image_size": size,
@@ -66,6 +68,7 @@ class PDAE(nn.Module):
             "encoder_channels": None if num_classes is not None else list(self.encoder.channels),
             "dropout": dropout,
             "num_classes": num_classes,
+            "skip_norm": skip_norm,
             "backbone": backbone.fingerprint,
         }
 
@@ -175,6 +178,7 @@ def load_pdae(directory: str | os.PathLike, backbone: Backbone) -> PDAE:
             encoder_channels=cfg.get("encoder_channels"),
             dropout=float(cfg.get("dropout") or 0.0),
             num_classes=cfg.get("num_classes"),
+            skip_norm=cfg.get("skip_norm") or "separate",
         )
     except (ValueError, TypeError) as err:
         raise _config_error(cfg_path, f"cannot build the model ({err})") from err
