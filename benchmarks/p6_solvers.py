@@ -6,8 +6,8 @@ data/prepared, params.yaml) and writes nothing there. Per solver and NFE, on the
 - inferred-x_T reconstruction: x_T from one DDIM inversion (--inversion-steps, shared by every row), decoded -> MSE;
 - manipulation success (label classifier, the classify stage's largest scale), x_T from the same DDIM inversion;
 - latent-DPM samples: z from the latent DPM (its own DDIM, params latent.latent_steps, shared), fixed random x_T,
-  decoded with G on the first latent.shift_fraction -> classifier-feature FD to test images, with a bootstrap
-  90% interval (resampling the generated set);
+  decoded with G on the first latent.shift_fraction -> classifier-feature FD to test images, with the 95%
+  re-centred bootstrap interval the evaluate step uses (pdae.metrics.frechet_distance_with_interval);
 - seconds per image of the random-x_T decoding (wall clock on a shared machine: noisy).
 
     python -m benchmarks.p6_solvers --root /work/main [--nfe 5 10 20 50 100] [--n-images 64] [--n-samples 500]
@@ -32,17 +32,12 @@ SOLVERS = ("ddim", "dpmpp2m", "unipc")
 NFE = (5, 10, 20, 50, 100)
 
 
-def _bootstrap_fd(feats: torch.Tensor, ref: torch.Tensor, n_boot: int, seed: int) -> tuple[float, float, float]:
-    from pdae.metrics import frechet_distance
+def _fd_interval(feats: torch.Tensor, ref: torch.Tensor, n_boot: int, seed: int) -> tuple[float, float, float]:
+    """Classifier-feature FD with the evaluate step's 95% re-centred bootstrap interval (pdae.metrics.intervals)."""
+    from pdae.metrics import frechet_distance_with_interval
 
-    gen = torch.Generator().manual_seed(seed)
-    fd = float(frechet_distance(feats, ref))
-    boots = [float(frechet_distance(feats[torch.randint(0, len(feats), (len(feats),), generator=gen)], ref))
-             for _ in range(n_boot)]  # fmt: skip
-    lo, hi = (
-        torch.tensor(boots, dtype=torch.float64).quantile(torch.tensor([0.05, 0.95], dtype=torch.float64)).tolist()
-    )
-    return fd, lo, hi
+    fd = frechet_distance_with_interval(feats, ref, n_boot=n_boot, seed=seed)
+    return fd["value"], fd["low"], fd["high"]
 
 
 def load_inputs(root: Path, n_images: int, n_samples: int, seed: int) -> dict[str, Any]:
@@ -111,7 +106,7 @@ def measure(
     if scorer is not None:
         feats = scorer.features(samples).double()
         ref = scorer.features(inp["test_all"]).double()
-        row["latent_fd"], row["latent_fd_lo"], row["latent_fd_hi"] = _bootstrap_fd(feats, ref, n_boot, seed)
+        row["latent_fd"], row["latent_fd_lo"], row["latent_fd_hi"] = _fd_interval(feats, ref, n_boot, seed)
         if inp["class_attrs"] and inp["labels"] is not None:
             res = manipulation_success(
                 model, schedule, scorer, x, inp["labels"], inp["directions"], inp["class_attrs"], inp["scale"],
@@ -155,7 +150,7 @@ def run(root: Path, nfes=NFE, solvers=SOLVERS, n_images=64, n_samples=500, inv_s
         "n_latent_samples": n_samples,
         "inversion": f"DDIM, {inv_steps} steps, shared by every row",
         "latent_sampling": {"latent_steps": inp["lat"].latent_steps, "shift_fraction": inp["lat"].shift_fraction},
-        "fd": "label-classifier features of latent-DPM samples vs all test images; 90% bootstrap interval",
+        "fd": "label-classifier features of latent-DPM samples vs all test images; 95% re-centred bootstrap interval",
         "rows": rows,
         "targets": targets,
         "note": "seconds_per_image is wall clock on a shared 2-core machine (noisy); the NFE count is exact",
