@@ -14,6 +14,14 @@ Memory (CPU has no torch.cuda.max_memory_allocated; tracemalloc does not see tor
 On CUDA the peak is `torch.cuda.max_memory_allocated` over one step instead.
 
     python -m benchmarks.p2_step_cost [--batch 64] [--rounds 30] [--threads 1] [--tag _threads2]
+
+`--checkpointing` instead measures PDAE's step with and without gradient checkpointing of G (train.grad_checkpoint)
+at the 128 px preset's architecture (configs/ffhq128.yaml: 3-channel 128 px UNet, z_dim 512) on a small batch,
+writing p2_step_cost_checkpointing.json. With checkpointing, the inputs a block keeps for its recomputation are held
+by the checkpoint, not by autograd's saved tensors: activation memory there is the saved tensors plus those inputs
+(distinct storages, `retained_activation_bytes`), for both variants:
+
+    python -m benchmarks.p2_step_cost --checkpointing [--batch 4] [--rounds 4]
 """
 
 from __future__ import annotations
@@ -49,6 +57,7 @@ from pdae.fit import pdae_loss
 from pdae.train import TrainSpec, ema_update
 
 TARGET_TIME, TARGET_ACT = 1.0, 0.8
+TARGET_CKPT_ACT, TARGET_CKPT_TIME = 0.4, 1.35
 
 
 # One training step of the shared loop, split so that memory probes can wrap its parts.
@@ -214,6 +223,127 @@ def run(batch_size: int = 64, rounds: int = 30, repeats: int = 2, warmup: int = 
     }
 
 
+def retained_activation_bytes(step: Stepper, exclude: set[int]) -> int:
+    """Bytes of the distinct non-parameter storages one loss forward keeps for backward (then the step finishes):
+    autograd's saved tensors outside checkpointed blocks, plus the inputs each checkpointed block of G holds for its
+    recomputation (counted by wrapping `torch.utils.checkpoint.checkpoint` as pdae.nets.gradient calls it)."""
+    import pdae.nets.gradient as gmod
+
+    seen: dict[int, int] = {}
+
+    def note(t: Tensor) -> Tensor:
+        st = t.untyped_storage()
+        if st.data_ptr() not in exclude:
+            seen.setdefault(st.data_ptr(), st.nbytes())
+        return t
+
+    real = gmod.checkpoint
+
+    def spy(fn: Callable, *args: Any, **kw: Any) -> Tensor:
+        for a in args:
+            if isinstance(a, Tensor):
+                note(a)
+        return real(fn, *args, **kw)
+
+    step.opt.zero_grad(set_to_none=True)
+    gmod.checkpoint = spy
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(note, lambda t: t):
+            loss = step.loss()
+    finally:
+        gmod.checkpoint = real
+    step.finish(loss)
+    return sum(seen.values())
+
+
+class _Checkpointed(Stepper):
+    """A PDAE stepper that sets G's gradient checkpointing before every loss forward."""
+
+    def __init__(self, flag: bool, gradient: nn.Module, *args: Any) -> None:
+        super().__init__(*args)
+        self.flag, self.gradient = flag, gradient
+
+    def loss(self) -> Tensor:
+        self.gradient.grad_checkpoint = self.flag
+        return super().loss()
+
+
+def run_checkpointing(
+    batch_size: int = 4, rounds: int = 4, seed: int = 0, params: str | Path | None = None
+) -> dict[str, Any]:
+    """PDAE step with and without gradient checkpointing of G at the preset's architecture (see the docstring)."""
+    from pdae.nets.backbone import Backbone
+    from pdae.nets.pdae import PDAE
+    from pdae.nets.unet import build_unet
+
+    params = params or Path(__file__).resolve().parents[1] / "configs" / "ffhq128.yaml"
+    base, bcfg, tcfg = load_configs(params)
+    torch.manual_seed(seed)
+    unet = build_unet(base.image_size, 3, bcfg.channels, bcfg.layers_per_block, bcfg.attention_head_dim)
+    model = PDAE(Backbone(unet), tcfg.z_dim, tcfg.encoder_channels, tcfg.dropout)
+    loss_fn = pdae_loss(model.backbone, Schedule.linear(1000), tcfg.weighting, tcfg.gamma)
+    x0 = (torch.rand(batch_size, 3, base.image_size, base.image_size) * 2 - 1,)
+    spec = TrainSpec(images=0, batch_size=batch_size, lr=tcfg.lr, ema_decay=tcfg.ema_decay)
+    mods = {"encoder": model.encoder, "gradient": model.gradient}
+    steppers = {k: _Checkpointed(k == "checkpointed", model.gradient, mods, loss_fn, x0, spec, seed)
+                for k in ("plain", "checkpointed")}  # fmt: skip
+    for s in steppers.values():
+        s()
+    exclude = _storage_ptrs([model, model.backbone])
+    hooks = {k: activation_bytes(s, exclude)[0] for k, s in steppers.items()}
+    retained = {k: retained_activation_bytes(s, exclude) for k, s in steppers.items()}
+    peak = {k: peak_step_bytes(s) for k, s in steppers.items()}
+    times = interleaved(dict(steppers), rounds=rounds, repeats=1, warmup=0)
+    act_ratio = retained["checkpointed"] / retained["plain"]
+    time_ratio = paired_ratio(times["checkpointed"]["wall"], times["plain"]["wall"])
+    per_image = retained["plain"] / batch_size
+    return {
+        "benchmark": "P2 step cost: gradient checkpointing of G",
+        "preset": str(Path(params).name),
+        "image_size": base.image_size,
+        "batch_size": batch_size,
+        "rounds": rounds,
+        "parameters": {
+            "unet": sum(p.numel() for p in unet.parameters()),
+            "gradient": sum(p.numel() for p in model.gradient.parameters()),
+            "encoder": sum(p.numel() for p in model.encoder.parameters()),
+        },  # fmt: skip
+        "variants": {
+            k: {
+                "activation_bytes_retained": retained[k],
+                "saved_tensor_hook_bytes": hooks[k],
+                "peak_step_bytes": peak[k],
+                "step_seconds_wall": summary(times[k]["wall"]),
+                "step_seconds_cpu": summary(times[k]["cpu"]),
+            }
+            for k in steppers
+        },
+        "ratios": {"activation_checkpointed_over_plain": act_ratio, "time_wall_checkpointed_over_plain": time_ratio},
+        "activation_bytes_per_image_plain_float32": per_image,
+        "targets": {"activation": TARGET_CKPT_ACT, "time": TARGET_CKPT_TIME},
+        "met": {"activation_memory": act_ratio <= TARGET_CKPT_ACT, "time": time_ratio <= TARGET_CKPT_TIME},
+        "note": "CPU float32; time is wall clock on a shared machine (paired median of interleaved rounds)",
+        "machine": machine(),
+    }
+
+
+def report_checkpointing(res: dict[str, Any]) -> str:
+    rows = [
+        [k, round(v["activation_bytes_retained"] / 2**20, 1), round(v["peak_step_bytes"] / 2**20, 1),
+         round(1000 * v["step_seconds_wall"]["median"])]
+        for k, v in res["variants"].items()
+    ]  # fmt: skip
+    r = res["ratios"]
+    return "\n".join(
+        [
+            table(rows, ["G", "activations MiB", "peak step MiB", "step ms (wall)"]),
+            f"checkpointed / plain: activation memory {r['activation_checkpointed_over_plain']:.3f} "
+            f"(target <= {TARGET_CKPT_ACT}), step time {r['time_wall_checkpointed_over_plain']:.3f} "
+            f"(target <= {TARGET_CKPT_TIME})",
+        ]
+    )
+
+
 def report(res: dict[str, Any]) -> str:
     rows = []
     for k, m in res["models"].items():
@@ -250,8 +380,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: robust under shared load)")
     ap.add_argument("--tag", default="", help="suffix of the results file name (p2_step_cost<tag>.json)")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    ap.add_argument("--checkpointing", action="store_true", help="G checkpointing at the 128 px preset instead")
+    ap.add_argument("--params", default=None, help="preset for --checkpointing (default configs/ffhq128.yaml)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.checkpointing:
+        res = run_checkpointing(args.batch, args.rounds, params=args.params)
+        print(report_checkpointing(res))
+        print(f"wrote {save_result('p2_step_cost_checkpointing' + args.tag, res, args.out)}")
+        return res
     res = run(args.batch, args.rounds, args.repeats)
     print(report(res))
     print(f"wrote {save_result('p2_step_cost' + args.tag, res, args.out)}")

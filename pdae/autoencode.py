@@ -15,6 +15,7 @@ from torch import Tensor
 
 from pdae.diffusion import Schedule
 from pdae.sampling import ddim_invert, ddim_sample, ddpm_sample, plain
+from pdae.solvers import SOLVERS, solver_sample
 
 
 def load_models(baseline_dir: str | Path, pdae_dir: str | Path, device: torch.device | str = "cpu"):
@@ -77,20 +78,24 @@ def decode(
     batch_size: int = 256,
     progress: bool = False,
 ) -> Tensor:
-    """Images (N, C, H, W) in [-1, 1] decoded from (z, x_T) with DDIM (deterministic) or DDPM (stochastic)."""
+    """Images (N, C, H, W) in [-1, 1] decoded from (z, x_T).
+
+    `sampler`: ddim (default), dpmpp2m, dpmpp3m, unipc (deterministic, `steps` network evaluations; pdae.solvers)
+    or ddpm (stochastic, uses `generator`).
+    """
+    if sampler != "ddpm" and sampler not in SOLVERS:
+        from pdae.errors import PdaeError
+
+        raise PdaeError(f"unknown sampler '{sampler}'; use {', '.join(SOLVERS)} or ddpm.")
     dev = _dev(model)
 
     def run(zz: Tensor, xt: Tensor) -> Tensor:
         fn = model.model_fn(zz.to(dev))
         kw = dict(shift_scale=shift_scale, shift_fraction=shift_fraction, progress=progress)
-        if sampler == "ddim":
-            out = ddim_sample(fn, xt.to(dev), schedule, steps, **kw)
-        elif sampler == "ddpm":
+        if sampler == "ddpm":
             out = ddpm_sample(fn, xt.to(dev), schedule, steps, generator=generator, **kw)
         else:
-            from pdae.errors import PdaeError
-
-            raise PdaeError(f"unknown sampler '{sampler}'; use ddim or ddpm.")
+            out = solver_sample(fn, xt.to(dev), schedule, steps, sampler, **kw)
         return out.clamp(-1, 1).cpu()
 
     return _batched(run, z, x_T, batch_size=batch_size)
@@ -110,14 +115,19 @@ def reconstruct(
     generator: torch.Generator | None = None,
     batch_size: int = 256,
     progress: bool = False,
+    solver: str = "ddim",
+    inversion_steps: int | None = None,
 ) -> Tensor:
-    """Autoencode images: z = E(x0), x_T inferred by inversion (near-exact) or random (same semantics)."""
+    """Autoencode images: z = E(x0), x_T inferred by inversion (near-exact) or random (same semantics).
+
+    Inversion is always DDIM with `inversion_steps` (None: `steps`); decoding uses `solver` with `steps` evaluations.
+    """
     z = encode(model, images, batch_size)
     if x_T == "inferred":
-        xt = invert(model, images, z, schedule, steps, batch_size, progress)
+        xt = invert(model, images, z, schedule, inversion_steps or steps, batch_size, progress)
     else:
         xt = random_xT(images.shape[0], tuple(images.shape[1:]), generator)
-    return decode(model, z, xt, schedule, steps, batch_size=batch_size, progress=progress)
+    return decode(model, z, xt, schedule, steps, sampler=solver, batch_size=batch_size, progress=progress)
 
 
 @torch.no_grad()

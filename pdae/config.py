@@ -154,6 +154,8 @@ class TrainConfig(Section):
     gamma: float = Field(0.1, ge=0, le=1)
     hflip: bool = False
     bf16: bool = False
+    grad_checkpoint: bool = False  # recompute G's up-path activations in the backward pass (less memory)
+    accumulate: int = Field(1, ge=1)  # micro-batches per optimizer step (effective batch = batch_size x accumulate)
     checkpoint_every: int = Field(200, ge=1)
     eval_images: int = Field(200, ge=1)  # test images for the reconstruction metrics
     eval_steps: int = Field(100, ge=1, le=1000)
@@ -200,6 +202,8 @@ class LatentConfig(Section):
     clip_x0: bool = False  # clamp the latent DDIM x0 prediction to [-1, 1] in normalised space (official: true)
     latent_steps: int = Field(50, ge=1)  # latent DDIM steps
     steps: int = Field(50, ge=1, le=1000)  # image DDIM steps when decoding (and for the bare DPM)
+    solver: Literal["ddim", "dpmpp2m", "dpmpp3m", "unipc"] = "ddim"  # image decoding solver (pdae.solvers)
+    latent_solver: Literal["ddim", "dpmpp2m", "dpmpp3m", "unipc"] = "ddim"  # the latent DPM's own sampling solver
     shift_fraction: float = Field(1.0, ge=0, le=1)  # G on for this first fraction of decoding steps (paper: 0.7)
     n_samples: int = Field(1000, ge=2)  # unconditional samples (latent DPM and bare DPM) for the FD
     study_samples: int = Field(200, ge=0)  # paired samples per clamp setting in the clamp study

@@ -20,7 +20,8 @@ from pdae.autoencode import decode, encode, invert, lerp, slerp
 from pdae.diffusion import Schedule
 from pdae.errors import PdaeError
 from pdae.probes import AttributeDirections, Normaliser
-from pdae.sampling import ModelFn, ddim_sample
+from pdae.sampling import ModelFn
+from pdae.solvers import solver_sample
 
 MODES = ("lerp", "mix")
 
@@ -60,14 +61,17 @@ def manipulate(
     x_T: Tensor | None = None,
     batch_size: int = 256,
     progress: bool = False,
+    solver: str = "ddim",
+    inversion_steps: int | None = None,
 ) -> Tensor:
     """Edited images (N, S, C, H, W) in [-1, 1] for images (N, C, H, W) and `scales` (S values).
 
     `direction`: unit vector (d,) or one per image (N, d) in normalised z space. z and x_T (inferred from the
-    original z with `steps` DDIM steps) are computed when not given.
+    original z with DDIM, `inversion_steps` (None: `steps`)) are computed when not given. Decoding: `solver`, `steps`.
     """
     z = encode(model, images, batch_size) if z is None else z
-    x_T = invert(model, images, z, schedule, steps, batch_size, progress) if x_T is None else x_T
+    if x_T is None:
+        x_T = invert(model, images, z, schedule, inversion_steps or steps, batch_size, progress)
     codes = edit_codes(z, normaliser, direction, scales)  # (S, N, d)
     n_scales = codes.shape[0]
     out = decode(
@@ -76,6 +80,7 @@ def manipulate(
         x_T.repeat(n_scales, 1, 1, 1),
         schedule,
         steps,
+        sampler=solver,
         batch_size=batch_size,
         progress=progress,
     )
@@ -109,25 +114,28 @@ def interpolate(
     modes: Sequence[str] = MODES,
     batch_size: int = 256,
     progress: bool = False,
+    solver: str = "ddim",
+    inversion_steps: int | None = None,
 ) -> dict[str, Tensor]:
     """Interpolations between image pairs (N, C, H, W) -> {mode: (N, F, C, H, W)} for F = len(alphas).
 
-    Each image's (z, x_T) is inferred first; x_T is always Slerp-ed. `lerp`: decode Lerp(z1, z2; a). `mix`: decode
-    with the G outputs of z1 and z2 mixed by a (`mixed_model_fn`).
+    Each image's (z, x_T) is inferred first (DDIM, `inversion_steps`, None: `steps`); x_T is always Slerp-ed.
+    `lerp`: decode Lerp(z1, z2; a). `mix`: decode with the G outputs of z1 and z2 mixed by a (`mixed_model_fn`).
+    Decoding uses `solver` with `steps` network evaluations.
     """
     bad = [m for m in modes if m not in MODES]
     if bad:
         raise PdaeError(f"unknown interpolation mode '{bad[0]}'; use one of: {', '.join(MODES)}.")
     n, n_frames = len(images_a), len(alphas)
     z = encode(model, torch.cat([images_a, images_b]), batch_size)
-    x_T = invert(model, torch.cat([images_a, images_b]), z, schedule, steps, batch_size, progress)
+    x_T = invert(model, torch.cat([images_a, images_b]), z, schedule, inversion_steps or steps, batch_size, progress)
     z1, z2, xt1, xt2 = z[:n], z[n:], x_T[:n], x_T[n:]
     # Frame-major (F, N, ...) flattened to F*N, reshaped to (N, F, ...) at the end.
     xts = torch.cat([slerp(xt1, xt2, float(a)) for a in alphas])
     out: dict[str, Tensor] = {}
     if "lerp" in modes:
         zs = torch.cat([lerp(z1, z2, float(a)) for a in alphas])
-        frames = decode(model, zs, xts, schedule, steps, batch_size=batch_size, progress=progress)
+        frames = decode(model, zs, xts, schedule, steps, sampler=solver, batch_size=batch_size, progress=progress)
         out["lerp"] = frames.unflatten(0, (n_frames, n)).transpose(0, 1)
     if "mix" in modes:
         dev = next(model.parameters()).device
@@ -137,7 +145,8 @@ def interpolate(
         for i in range(0, len(xts), batch_size):
             sl = slice(i, i + batch_size)
             fn = mixed_model_fn(model, za[sl].to(dev), zb[sl].to(dev), al[sl].to(dev))
-            chunks.append(ddim_sample(fn, xts[sl].to(dev), schedule, steps, progress=progress).clamp(-1, 1).cpu())
+            frame = solver_sample(fn, xts[sl].to(dev), schedule, steps, solver, progress=progress)
+            chunks.append(frame.clamp(-1, 1).cpu())
         out["mix"] = torch.cat(chunks).unflatten(0, (n_frames, n)).transpose(0, 1)
     return out
 
@@ -155,15 +164,18 @@ def manipulation_success(
     steps: int = 100,
     batch_size: int = 256,
     progress: bool = False,
+    solver: str = "ddim",
+    inversion_steps: int | None = None,
 ) -> dict:
     """Share of images (label != k) that `scorer` assigns to class k after an edit along `class_attrs[k]`.
 
     images (N, C, H, W), labels (N,). Returns `manipulation_success` (mean over k), `per_class` {k: share}, and
     `reconstruction_agreement` (scale 0: share still classified as their own label, a sanity check).
+    x_T: DDIM inversion with `inversion_steps` (None: `steps`); decoding: `solver` with `steps` evaluations.
     """
     z = encode(model, images, batch_size)
-    x_T = invert(model, images, z, schedule, steps, batch_size, progress)
-    recon = decode(model, z, x_T, schedule, steps, batch_size=batch_size, progress=progress)
+    x_T = invert(model, images, z, schedule, inversion_steps or steps, batch_size, progress)
+    recon = decode(model, z, x_T, schedule, steps, sampler=solver, batch_size=batch_size, progress=progress)
     recon_ok = (scorer.predict_proba(recon).argmax(1) == labels).double().mean().item()
     norm, codes, xts, targets = directions.normaliser, [], [], []
     for k, name in sorted(class_attrs.items()):
@@ -175,7 +187,16 @@ def manipulation_success(
         targets.append(torch.full((int(sel.sum()),), k))
     if not codes:
         return {"manipulation_success": None, "per_class": {}, "reconstruction_agreement": recon_ok}
-    edited = decode(model, torch.cat(codes), torch.cat(xts), schedule, steps, batch_size=batch_size, progress=progress)
+    edited = decode(
+        model,
+        torch.cat(codes),
+        torch.cat(xts),
+        schedule,
+        steps,
+        sampler=solver,
+        batch_size=batch_size,
+        progress=progress,
+    )
     target = torch.cat(targets)
     hit = (scorer.predict_proba(edited).argmax(1) == target).double()
     per_class = {int(k): hit[target == k].mean().item() for k in target.unique()}

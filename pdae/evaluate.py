@@ -183,6 +183,8 @@ class LatentSampling:
     clip_noise: bool = False
     clip_x0: bool = False
     shift_fraction: float = 0.7
+    solver: str = "ddim"  # image decoding solver (pdae.solvers)
+    latent_solver: str = "ddim"  # the latent DPM's own solver
 
 
 @torch.no_grad()
@@ -211,10 +213,25 @@ def latent_dpm_samples(
     gen = torch.Generator().manual_seed(seed)
     dpm = load_latent(latent_dir).to(dev)
     z = sample_latents(
-        dpm, n, steps=sampling.latent_steps, clip_noise=sampling.clip_noise, clip_x0=sampling.clip_x0, generator=gen
+        dpm,
+        n,
+        steps=sampling.latent_steps,
+        clip_noise=sampling.clip_noise,
+        clip_x0=sampling.clip_x0,
+        generator=gen,
+        solver=sampling.latent_solver,
     )
     x_T = random_xT(n, (model.backbone.in_channels, model.backbone.image_size, model.backbone.image_size), gen)
-    images = decode(model, z, x_T, schedule, steps, shift_fraction=sampling.shift_fraction, batch_size=batch_size)
+    images = decode(
+        model,
+        z,
+        x_T,
+        schedule,
+        steps,
+        sampler=sampling.solver,
+        shift_fraction=sampling.shift_fraction,
+        batch_size=batch_size,
+    )
     return images, z, None
 
 

@@ -72,6 +72,7 @@ def train_pdae(
     model = PDAE(
         backbone, cfg.z_dim, cfg.encoder_channels, cfg.dropout, num_classes=num_classes, skip_norm=cfg.g_skip_norm
     ).to(device)
+    model.gradient.grad_checkpoint = cfg.grad_checkpoint  # memory lever only: gradients are the same
     spec = TrainSpec.from_config(
         cfg,
         base.seed,

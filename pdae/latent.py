@@ -25,6 +25,7 @@ from pdae.errors import PdaeError, brief
 from pdae.io import load_tensors, read_json, save_tensors, write_json
 from pdae.nets.latent import LatentMLP
 from pdae.sampling import ddim_sample, plain
+from pdae.solvers import solver_sample
 from pdae.train import TrainResult, TrainSpec, train
 
 WEIGHTS_NAME, CONFIG_NAME = "latent.safetensors", "latent_config.json"
@@ -125,13 +126,22 @@ def load_latent(directory: str | os.PathLike) -> LatentDPM:
 
 @torch.no_grad()
 def latent_ddim(
-    eps_fn, z_T: Tensor, schedule: Schedule, steps: int = 100, clip_x0: bool = False, clip_range: float = 1.0
+    eps_fn,
+    z_T: Tensor,
+    schedule: Schedule,
+    steps: int = 100,
+    clip_x0: bool = False,
+    clip_range: float = 1.0,
+    solver: str = "ddim",
 ) -> Tensor:
     """Latent DDIM from z_T (N, z_dim) to the clean code z_0 (N, z_dim), normalised space.
 
     The shared sampler runs the grid down to t = 0; one last DDIM move to abar_{-1} = 1 (the x0 prediction at t = 0)
     removes the remaining sqrt(1 - abar_0) noise (0.09 for beta = 0.008). `clip_x0` clamps every x0 prediction.
+    Another `solver` (pdae.solvers) ends at sigma = 0 itself, with `steps` evaluations and no extra move.
     """
+    if solver != "ddim":
+        return solver_sample(plain(eps_fn), z_T, schedule, steps, solver, clip=clip_x0, clip_range=clip_range)
     x = ddim_sample(plain(eps_fn), z_T, schedule, steps, clip=clip_x0, clip_range=clip_range)
     t0 = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
     x0 = schedule.x0_from_eps(x, t0, eps_fn(x, t0))
@@ -148,6 +158,7 @@ def sample_latents(
     generator: torch.Generator | None = None,
     batch_size: int = 1000,
     noise: Tensor | None = None,
+    solver: str = "ddim",
 ) -> Tensor:
     """n raw codes (n, z_dim) (de-normalised) from the latent DPM; `noise` (n, z_dim) fixes z_T (paired studies)."""
     dev = dpm.mean.device
@@ -155,7 +166,7 @@ def sample_latents(
     if clip_noise:
         z_T = z_T.clamp(-1, 1)
     outs = [
-        latent_ddim(dpm, z_T[i : i + batch_size].to(dev), dpm.schedule, steps, clip_x0).cpu()
+        latent_ddim(dpm, z_T[i : i + batch_size].to(dev), dpm.schedule, steps, clip_x0, solver=solver).cpu()
         for i in range(0, n, batch_size)
     ]
     return dpm.denormalise(torch.cat(outs)).cpu()
@@ -169,11 +180,13 @@ def latent_fd(a: Tensor, b: Tensor, dpm: LatentDPM) -> float:
 
 
 @torch.no_grad()
-def bare_samples(backbone, x_T: Tensor, schedule: Schedule, steps: int, batch_size: int = 500) -> Tensor:
-    """The bare DPM's own unconditional DDIM samples (N, C, H, W) in [-1, 1] from x_T (N, C, H, W)."""
+def bare_samples(
+    backbone, x_T: Tensor, schedule: Schedule, steps: int, batch_size: int = 500, solver: str = "ddim"
+) -> Tensor:
+    """The bare DPM's own unconditional samples (N, C, H, W) in [-1, 1] from x_T (N, C, H, W) (DDIM or `solver`)."""
     dev = next(iter(backbone.parameters())).device
     outs = [
-        ddim_sample(plain(backbone), x_T[i : i + batch_size].to(dev), schedule, steps).clamp(-1, 1).cpu()
+        solver_sample(plain(backbone), x_T[i : i + batch_size].to(dev), schedule, steps, solver).clamp(-1, 1).cpu()
         for i in range(0, len(x_T), batch_size)
     ]
     return torch.cat(outs)
@@ -298,7 +311,14 @@ def decode_codes(model, z: Tensor, x_T: Tensor, schedule: Schedule, cfg: LatentC
     from pdae.autoencode import decode
 
     return decode(
-        model, z, x_T, schedule, cfg.steps, shift_fraction=cfg.shift_fraction, batch_size=cfg.eval_batch_size
+        model,
+        z,
+        x_T,
+        schedule,
+        cfg.steps,
+        sampler=cfg.solver,
+        shift_fraction=cfg.shift_fraction,
+        batch_size=cfg.eval_batch_size,
     )
 
 
@@ -327,10 +347,13 @@ def uncond_study(
     noise = torch.randn(n, dpm.mlp.z_dim, generator=gen)
     x_T = torch.randn(n, model.backbone.in_channels, size, size, generator=gen)
     chosen = clamp_name(cfg.clip_noise, cfg.clip_x0)
-    codes = {k: sample_latents(dpm, n, cfg.latent_steps, *v, noise=noise) for k, v in CLAMPS.items()}
+    codes = {
+        k: sample_latents(dpm, n, cfg.latent_steps, *v, noise=noise, solver=cfg.latent_solver)
+        for k, v in CLAMPS.items()
+    }
     study: dict[str, Any] = {k: {"latent_fd": latent_fd(z, test_z, dpm)} for k, z in codes.items()}
     images = {"latent": decode_codes(model, codes[chosen], x_T, schedule, cfg)}
-    images["bare"] = bare_samples(model.backbone, x_T, schedule, cfg.steps, cfg.eval_batch_size)
+    images["bare"] = bare_samples(model.backbone, x_T, schedule, cfg.steps, cfg.eval_batch_size, cfg.solver)
     for k in ("none", "both") if ns > 0 else ():
         imgs = images["latent"][:ns] if k == chosen else decode_codes(model, codes[k][:ns], x_T[:ns], schedule, cfg)
         images[k] = imgs
@@ -379,7 +402,14 @@ def fewshot_study(
 
     start, classes = time.process_time(), sorted(int(c) for c in torch.unique(labels))
     pool = sample_latents(
-        dpm, cfg.fewshot_draws, cfg.latent_steps, cfg.clip_noise, cfg.clip_x0, gen, cfg.eval_batch_size
+        dpm,
+        cfg.fewshot_draws,
+        cfg.latent_steps,
+        cfg.clip_noise,
+        cfg.clip_x0,
+        gen,
+        cfg.eval_batch_size,
+        solver=cfg.latent_solver,
     )
     size, m = model.backbone.image_size, cfg.fewshot_samples
     precision, acceptance, grids = {}, {}, {}

@@ -1,10 +1,11 @@
 """One training loop for every trainer (baseline DPM, PDAE, latent DPM, class-conditional G).
 
 Given trainable modules, a loss callable and an in-memory dataset, it owns: seeded epoch shuffling, Adam/AdamW,
-EMA with warm-up, bf16 autocast, gradient/NaN guard, progress bar, MLflow step metrics, atomic safetensors
-checkpoints holding model/EMA/optimizer/RNG state, and automatic resume. A run resumed from its checkpoint ends
-bitwise equal to an uninterrupted one (CPU, fixed thread count). Under `torchrun` (WORLD_SIZE > 1) the trainable
-modules alone are wrapped in DistributedDataParallel (gloo on CPU, nccl on CUDA) and each rank takes its share
+EMA with warm-up, bf16 autocast, gradient accumulation (`accumulate` micro-batches of batch_size per optimizer
+step), gradient/NaN guard, progress bar, MLflow step metrics, atomic safetensors checkpoints holding
+model/EMA/optimizer/RNG state, and automatic resume. A run resumed from its checkpoint ends bitwise equal to an
+uninterrupted one (CPU, fixed thread count). Under `torchrun` (WORLD_SIZE > 1) the trainable modules alone
+are wrapped in DistributedDataParallel (gloo on CPU, nccl on CUDA) and each rank takes its share
 of every global batch.
 """
 
@@ -45,6 +46,7 @@ class TrainSpec:
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     bf16: bool = False
+    accumulate: int = 1  # micro-batches of batch_size per optimizer step
     log_every: int = 25
     fingerprint: dict = field(default_factory=dict)  # anything else that makes a checkpoint incompatible
 
@@ -54,17 +56,25 @@ class TrainSpec:
         (and optionally ema_warmup)."""
         keys = ("images", "batch_size", "lr", "ema_decay", "checkpoint_every", "bf16")
         extra.setdefault("ema_warmup", getattr(cfg, "ema_warmup", True))
+        extra.setdefault("accumulate", getattr(cfg, "accumulate", 1))
         return cls(**{k: getattr(cfg, k) for k in keys}, seed=seed, fingerprint=fingerprint, **extra)
 
     @property
+    def effective_batch(self) -> int:
+        """Images per optimizer step: batch_size x accumulate."""
+        return self.batch_size * self.accumulate
+
+    @property
     def steps(self) -> int:
-        return math.ceil(self.images / self.batch_size) if self.images > 0 else 0
+        return math.ceil(self.images / self.effective_batch) if self.images > 0 else 0
 
     def key(self) -> str:
         """Hash of everything except the training length (a longer run may resume a shorter one)."""
         d = asdict(self)
         for k in ("images", "checkpoint_every", "log_every"):
             d.pop(k)
+        if d["accumulate"] == 1:
+            d.pop("accumulate")  # keeps the keys of checkpoints written before accumulation existed
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -207,6 +217,8 @@ def train(
     n = data[0].shape[0]
     if n == 0:
         raise PdaeError("training data is empty; check the prepared dataset.")
+    if spec.accumulate < 1:
+        raise PdaeError(f"accumulate must be at least 1 (got {spec.accumulate}).")
     if spec.batch_size % world:
         raise PdaeError(f"batch_size {spec.batch_size} must be divisible by the number of processes ({world}).")
     mods = {k: m.to(device).train() for k, m in modules.items()}
@@ -247,19 +259,26 @@ def train(
     window: list[float] = []
     start, start_step = time.time(), step
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.bf16)
+    eff = spec.effective_batch
     while step < total:
-        if pos + spec.batch_size > n:
+        if pos + eff > n:
             perm, pos = torch.randperm(n, generator=gen), 0
-        idx = perm[pos : pos + spec.batch_size][rank * local_bs : (rank + 1) * local_bs]
-        pos += spec.batch_size
-        batch = tuple(d[idx].to(device, non_blocking=True) for d in data)
-        with autocast:
-            loss = loss_fn(call_mods, batch, noise_gen)
+        chosen = perm[pos : pos + eff]
+        pos += eff
         where = f"; the last good checkpoint is kept at {checkpoint}" if checkpoint and checkpoint.exists() else ""
-        if not torch.isfinite(loss):
-            raise PdaeError(f"{desc}: loss became {loss.item()} at step {step}{where}. Lower the learning rate.")
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        micro_losses = []
+        for j in range(spec.accumulate):
+            idx = chosen[j * spec.batch_size : (j + 1) * spec.batch_size][rank * local_bs : (rank + 1) * local_bs]
+            batch = tuple(d[idx].to(device, non_blocking=True) for d in data)
+            with autocast:
+                loss = loss_fn(call_mods, batch, noise_gen)
+            if not torch.isfinite(loss):
+                raise PdaeError(f"{desc}: loss became {loss.item()} at step {step}{where}. Lower the learning rate.")
+            (loss if spec.accumulate == 1 else loss / spec.accumulate).backward()
+            micro_losses.append(loss.detach())
+        if spec.accumulate > 1:
+            loss = torch.stack(micro_losses).mean()
         gnorm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
         if not torch.isfinite(gnorm):
             raise PdaeError(f"{desc}: gradients became non-finite at step {step}{where}. Lower the learning rate.")
@@ -270,7 +289,7 @@ def train(
         window.append(loss.item())
         if step % spec.log_every == 0 or step == total:
             mean = sum(window) / len(window)
-            history.append((step, step * spec.batch_size, mean))
+            history.append((step, step * eff, mean))
             window = []
             if run is not None and rank == 0:
                 run.log_metrics({f"{desc}_loss": mean}, step=step)
@@ -289,8 +308,8 @@ def train(
         ema=ema,
         history=history,
         steps=step,
-        images_seen=step * spec.batch_size,
+        images_seen=step * eff,
         seconds=time.time() - start,
         resumed_from=resumed,
-        batch_size=spec.batch_size,
+        batch_size=eff,
     )

@@ -34,7 +34,13 @@ def body(cfg, run) -> dict:
 
     model, schedule = load_run(BASELINE, PDAE_DIR, device)
     lat = cfg.get("latent")
-    sampling = LatentSampling(lat.latent_steps, lat.clip_noise, lat.clip_x0, lat.shift_fraction) if lat else None
+    sampling = (
+        LatentSampling(
+            lat.latent_steps, lat.clip_noise, lat.clip_x0, lat.shift_fraction, lat.solver, lat.latent_solver
+        )
+        if lat
+        else None
+    )
     result = evaluate_run(model, schedule, PREPARED, ecfg, LATENT, sampling, base.seed, progress)
     write_csv("plots/eval_recon.csv", recon_plot_frame(result.metrics))
     write_csv("plots/eval_gap.csv", result.gap)

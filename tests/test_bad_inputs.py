@@ -414,6 +414,11 @@ def case_cli_out_of_range_option(p: Path, url: str) -> Invocation:
     return ("cli", ["interpolate", "a.png", "b.png", "--steps", "0"])
 
 
+@case("cli", "empty", "unknown solver 'euler'", "use one of ddim, dpmpp2m, dpmpp3m, unipc")
+def case_cli_unknown_solver(p: Path, url: str) -> Invocation:
+    return ("cli", ["interpolate", "a.png", "b.png", "--solver", "euler"])
+
+
 @case("cli", "empty", "No such command 'frobnicate'", "pdae --help", code=2)
 def case_cli_unknown_command(p: Path, url: str) -> Invocation:
     return ("cli", ["frobnicate"])

@@ -14,6 +14,7 @@ from benchmarks import p1_efficiency as p1
 from benchmarks import p2_step_cost as p2
 from benchmarks import p3_sampler as p3
 from benchmarks import p4_pipeline as p4
+from benchmarks import p6_solvers as p6
 from benchmarks.common import interleaved, paired_ratio, table
 from benchmarks.diffae_style import (
     CondUNet,
@@ -26,6 +27,7 @@ from benchmarks.diffae_style import (
 )
 from pdae.config import BaseConfig, TrainConfig
 from pdae.diffusion import Schedule
+from pdae.errors import PdaeError
 from pdae.sampling import ddim_invert, ddim_sample
 
 
@@ -245,6 +247,30 @@ def test_p4_project_copy_and_parsing(tmp_path: Path):
     assert "no-op dvc repro" in p4.report(res)
 
 
-@pytest.mark.parametrize("module", [p1, p2, p3, p4])
+def test_p2_checkpointing_small():
+    root = Path(__file__).resolve().parents[1]
+    res = p2.run_checkpointing(batch_size=2, rounds=1, params=root / "params.yaml")
+    v = res["variants"]
+    assert v["checkpointed"]["activation_bytes_retained"] < v["plain"]["activation_bytes_retained"]
+    assert "activation memory" in p2.report_checkpointing(res)
+    json.dumps(res)
+
+
+def test_p6_run_on_the_tiny_project(tiny_project, tmp_path: Path):
+    from tests.test_evaluate import tiny_latent
+
+    tiny_latent(tiny_project)
+    before = sorted(p.relative_to(tiny_project) for p in tiny_project.rglob("*"))
+    args = ["--root", str(tiny_project), "--nfe", "3", "6", "--n-images", "4", "--n-samples", "8"]
+    res = p6.main([*args, "--inversion-steps", "3", "--threads", "1", "--out", str(tmp_path)])
+    assert [(r["solver"], r["nfe"]) for r in res["rows"]] == [(s, n) for s in p6.SOLVERS for n in (3, 6)]
+    assert all(0 <= r["latent_fd_lo"] <= r["latent_fd_hi"] and r["latent_fd"] > 0 for r in res["rows"])
+    assert (tmp_path / "p6_solvers.json").is_file() and (tmp_path / "p6_solvers.png").is_file()
+    assert sorted(p.relative_to(tiny_project) for p in tiny_project.rglob("*")) == before  # root left untouched
+    with pytest.raises(PdaeError, match="lacks models/baseline, models/pdae, models/latent"):
+        p6.main(["--root", str(tmp_path), "--out", str(tmp_path)])
+
+
+@pytest.mark.parametrize("module", [p1, p2, p3, p4, p6])
 def test_scripts_have_a_main_and_a_report(module):
     assert callable(module.main) and callable(module.report)

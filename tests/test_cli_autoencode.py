@@ -97,6 +97,9 @@ def test_reconstruct_index_and_errors(tiny_project, tmp_path):
     _error(["reconstruct", *_models(tiny_project)], "exactly one")
     _error(["reconstruct", "--index", "99999", *data, *_models(tiny_project)], "out of range")
     _error(["reconstruct", "--index", "0", "--x-t", "maybe", *_models(tiny_project)], "--x-t")
+    res = _ok(["reconstruct", "--index", "3", "--solver", "dpmpp2m", "--inversion-steps", "3", *common])
+    assert "dpmpp2m 2 steps" in res.output
+    _error(["reconstruct", "--index", "0", "--solver", "euler", *common], "unknown solver 'euler'", "dpmpp2m")
 
 
 def test_gap_and_sample(tiny_project, tmp_path):

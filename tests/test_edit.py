@@ -216,6 +216,9 @@ def test_cli_interpolate(tiny_project, monkeypatch):
     assert res.exit_code == 0, res.output
     with Image.open(tiny_project / "interp.png") as img:  # rows lerp, mix; columns A + 3 frames + B
         assert img.size == (5 * 9 + 1, 2 * 9 + 1)
+    fast = ["--solver", "unipc", "--inversion-steps", "3", "--mode", "mix", "--out", "fast.png"]
+    res = runner.invoke(app, ["interpolate", "--index", "1", "--index", "2", "--frames", "3", "--steps", "2", *fast])
+    assert res.exit_code == 0 and (tiny_project / "fast.png").is_file(), res.output
     res = runner.invoke(app, ["interpolate", "--index", "1"])
     assert res.exit_code == 1 and "exactly two images" in res.output
     res = runner.invoke(app, ["interpolate", "--index", "1", "--index", "2", "--mode", "cubic"])

@@ -19,6 +19,7 @@ SEED = options.seed(0, help="Random seed (random x_T, sample subsets).")
 THREADS = options.count(2, "--threads", help="CPU threads.", high=256)
 BATCH = options.count(256, "--batch-size", help="Images per network call.", high=options.MAX_BATCH)
 STEPS_RANGE = {"low": 1, "high": 1000}
+SOLVER = typer.Option("ddim", "--solver", help="Decoding solver: ddim | dpmpp2m | dpmpp3m | unipc.")
 
 
 def prepare(seed: int, threads: int, device: str):
@@ -95,7 +96,13 @@ def reconstruct_cmd(
     image: Path | None = typer.Argument(None, help="Image file to reconstruct (or use --index)."),
     index: int | None = options.count(None, "--index", help="Reconstruct test image N of --data.", low=0),
     x_t: str = typer.Option("inferred", "--x-t", help="inferred (DDIM inversion, near-exact) | random (same z)."),
-    steps: int = options.count(100, "--steps", help="DDIM steps for inversion and decoding.", **STEPS_RANGE),
+    steps: int = options.count(
+        100, "--steps", help="Network evaluations of the decoding (and of the inversion).", **STEPS_RANGE
+    ),
+    solver: str = SOLVER,
+    inversion_steps: int | None = options.count(
+        None, "--inversion-steps", help="DDIM inversion steps for --x-t inferred (default: --steps).", high=1000
+    ),
     out: Path = options.out_file(Path("reconstruction.png"), "--out", "-o", help="Output PNG."),
     compare: bool = typer.Option(True, "--compare/--no-compare", help="Write input | reconstruction side by side."),
     scale: int = options.count(4, "--scale", help="Pixel upscaling of the PNG.", high=options.MAX_ZOOM),
@@ -106,13 +113,15 @@ def reconstruct_cmd(
     seed: int = SEED,
     threads: int = THREADS,
 ) -> None:
-    """Autoencode one image: z = E(x0), x_T inferred or random, decode with DDIM; prints MSE and SSIM."""
+    """Autoencode one image: z = E(x0), x_T inferred (DDIM inversion) or random, decoded; prints MSE and SSIM."""
     import torch
 
     from pdae.autoencode import reconstruct
     from pdae.io import save_image_grid
     from pdae.metrics import mse, ssim
+    from pdae.solvers import check_solver
 
+    check_solver(solver)
     if x_t not in ("inferred", "random"):
         raise PdaeError(f"--x-t must be inferred or random, not '{x_t}'.")
     if (image is None) == (index is None):
@@ -132,17 +141,34 @@ def reconstruct_cmd(
             )
         x = test_x[index : index + 1]
     gen = torch.Generator().manual_seed(seed)
-    rec = reconstruct(model, x, schedule, steps, x_T=x_t, generator=gen, progress=True)
+    rec = reconstruct(
+        model,
+        x,
+        schedule,
+        steps,
+        x_T=x_t,
+        generator=gen,
+        progress=True,
+        solver=solver,
+        inversion_steps=inversion_steps,
+    )
     grid = torch.cat([x, rec]) if compare else rec
     save_image_grid(out, grid, nrow=len(grid), scale=scale)
     typer.echo(
-        f"wrote {out}  (x_T {x_t}, {steps} steps)  MSE {mse(rec, x).item():.3g}  SSIM {ssim(rec, x).item():.4f}"
+        f"wrote {out}  (x_T {x_t}, {solver} {steps} steps)  "
+        f"MSE {mse(rec, x).item():.3g}  SSIM {ssim(rec, x).item():.4f}"
     )
 
 
 def sample_cmd(
     n: int = options.count(16, "--n", help="Number of images.", high=options.MAX_IMAGES),
-    steps: int = options.count(50, "--steps", help="Image DDIM steps when decoding.", **STEPS_RANGE),
+    steps: int = options.count(50, "--steps", help="Network evaluations when decoding the images.", **STEPS_RANGE),
+    solver: str | None = typer.Option(
+        None, "--solver", help="Image decoding solver: ddim | dpmpp2m | dpmpp3m | unipc (default: latent.solver)."
+    ),
+    latent_solver: str | None = typer.Option(
+        None, "--latent-solver", help="The latent DPM's solver (same choices; default: latent.latent_solver)."
+    ),
     out: Path = options.out_file(Path("samples.png"), "--out", "-o", help="Output PNG grid."),
     save_z: Path | None = options.out_file(None, "--save-z", help="Also write the sampled z (safetensors)."),
     latent: Path = typer.Option(Path("models/latent"), "--latent", help="Latent DPM folder (latent stage)."),
@@ -162,7 +188,11 @@ def sample_cmd(
     from pdae.evaluate import LatentSampling, latent_dpm_samples
     from pdae.io import save_image_grid, save_tensors
     from pdae.model import is_model_folder
+    from pdae.solvers import check_solver
 
+    for name in (solver, latent_solver):
+        if name is not None:
+            check_solver(name)
     if is_model_folder(pdae_dir):  # an exported model carries its own latent DPM
         latent = pdae_dir / "latent"
     if not latent.is_dir():
@@ -171,7 +201,14 @@ def sample_cmd(
     lat = load_params(path, sections=["latent"])["latent"] if params or path.is_file() else LatentConfig()
     dev = prepare(seed, threads, device)
     model, schedule = load(baseline, pdae_dir, dev)
-    sampling = LatentSampling(lat.latent_steps, lat.clip_noise, lat.clip_x0, lat.shift_fraction)
+    sampling = LatentSampling(
+        lat.latent_steps,
+        lat.clip_noise,
+        lat.clip_x0,
+        lat.shift_fraction,
+        solver or lat.solver,
+        latent_solver or lat.latent_solver,
+    )
     with console(stderr=True).status(f"sampling {n} latents and decoding them"):
         images, z, reason = latent_dpm_samples(model, schedule, latent, n, steps, sampling, seed)
     if images is None:
@@ -179,7 +216,7 @@ def sample_cmd(
     if save_z is not None:
         save_tensors(save_z, {"z": z})
     save_image_grid(out, images, nrow=math.ceil(math.sqrt(n)), scale=2)
-    typer.echo(f"wrote {out}: {n} samples ({steps} decoding steps)")
+    typer.echo(f"wrote {out}: {n} samples ({sampling.solver} {steps} decoding steps)")
 
 
 def gap_cmd(

@@ -11,7 +11,9 @@ from pdae.errors import PdaeError
 
 IMAGES = typer.Argument(None, help="Image file(s) (PNG/JPG/...), centre-cropped and resized to the model size.")
 INDEX = options.count(None, "--index", "-i", help="Test image of data/prepared by position (repeatable).", low=0)
-STEPS = options.count(100, "--steps", help="DDIM steps for the inversion and the decoding.", high=1000)
+STEPS = options.count(100, "--steps", help="Network evaluations of the decoding (and the inversion).", high=1000)
+SOLVER = typer.Option("ddim", "--solver", help="Decoding solver: ddim | dpmpp2m | dpmpp3m | unipc.")
+INV_STEPS = options.count(None, "--inversion-steps", help="DDIM inversion steps (default: --steps).", high=1000)
 DEVICE = typer.Option("auto", "--device", help="auto | cpu | cuda.")
 ZOOM = options.count(4, "--zoom", help="Integer upscaling of the written PNG.", high=options.MAX_ZOOM)
 BASELINE = typer.Option(Path("models/baseline"), "--baseline", help="Frozen DPM folder (baseline stage).")
@@ -62,6 +64,8 @@ def manipulate_cmd(
     ),
     out: Path = options.out_file(Path("manipulation.png"), "--out", "-o", help="PNG to write."),
     steps: int = STEPS,
+    solver: str = SOLVER,
+    inversion_steps: int | None = INV_STEPS,
     device: str = DEVICE,
     zoom: int = ZOOM,
     baseline: Path = BASELINE,
@@ -79,7 +83,9 @@ def manipulate_cmd(
     from pdae.io import save_image_grid
     from pdae.model import is_model_folder
     from pdae.probes import AttributeDirections, Normaliser
+    from pdae.solvers import check_solver
 
+    check_solver(solver)
     if is_model_folder(pdae_dir):  # an exported model carries its own directions (with their z statistics)
         classifier = pdae_dir / "directions"
     directions = AttributeDirections.load(classifier)
@@ -95,7 +101,18 @@ def manipulate_cmd(
             f"{classifier} was fitted on z_dim {norm.dim} but {pdae_dir} has z_dim {model.z_dim}; re-run classify."
         )
     x, names = _load_sources(images, index, prepared, model.backbone.image_size, model.backbone.in_channels)
-    edited = manipulate(model, schedule, x, norm, direction, scale, steps, progress=True)
+    edited = manipulate(
+        model,
+        schedule,
+        x,
+        norm,
+        direction,
+        scale,
+        steps,
+        progress=True,
+        solver=solver,
+        inversion_steps=inversion_steps,
+    )
     grid = torch.cat([x.unsqueeze(1), edited], dim=1)  # (N, 1 + S, C, H, W)
     save_image_grid(out, grid.flatten(0, 1), nrow=grid.shape[1], scale=zoom)
     typer.echo(f"wrote {out}: rows {', '.join(names)}; columns input, " + ", ".join(f"s={s:g}" for s in scale))
@@ -108,6 +125,8 @@ def interpolate_cmd(
     mode: str = typer.Option("both", "--mode", help="lerp (Lerp z + Slerp x_T) | mix (mix G outputs) | both."),
     out: Path = options.out_file(Path("interpolation.png"), "--out", "-o", help="PNG to write."),
     steps: int = STEPS,
+    solver: str = SOLVER,
+    inversion_steps: int | None = INV_STEPS,
     device: str = DEVICE,
     zoom: int = ZOOM,
     baseline: Path = BASELINE,
@@ -119,7 +138,9 @@ def interpolate_cmd(
 
     from pdae.edit import MODES, interpolate
     from pdae.io import save_image_grid
+    from pdae.solvers import check_solver
 
+    check_solver(solver)
     modes = list(MODES) if mode == "both" else [mode]
     if mode != "both" and mode not in MODES:
         raise PdaeError(f"--mode '{mode}' is not supported; use lerp, mix or both.")
@@ -128,7 +149,18 @@ def interpolate_cmd(
     model, schedule = _models(baseline, pdae_dir, device)
     x, names = _load_sources(images, index, prepared, model.backbone.image_size, model.backbone.in_channels)
     alphas = torch.linspace(0, 1, frames).tolist()
-    res = interpolate(model, schedule, x[:1], x[1:], alphas, steps, modes, progress=True)
+    res = interpolate(
+        model,
+        schedule,
+        x[:1],
+        x[1:],
+        alphas,
+        steps,
+        modes,
+        progress=True,
+        solver=solver,
+        inversion_steps=inversion_steps,
+    )
     rows = [torch.cat([x[:1], res[m][0], x[1:]]) for m in modes]  # each (F + 2, C, H, W)
     save_image_grid(out, torch.cat(rows), nrow=frames + 2, scale=zoom)
     typer.echo(f"wrote {out}: {names[0]} → {names[1]}, rows {', '.join(modes)}, {frames} frames between the inputs")

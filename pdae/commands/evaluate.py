@@ -128,7 +128,9 @@ def evaluate_cmd(
     sampling = None
     if params is not None or Path("params.yaml").is_file():  # a --params file that is missing is an error
         lat = load_params(params or Path("params.yaml"), sections=["latent"])["latent"]
-        sampling = LatentSampling(lat.latent_steps, lat.clip_noise, lat.clip_x0, lat.shift_fraction)
+        sampling = LatentSampling(
+            lat.latent_steps, lat.clip_noise, lat.clip_x0, lat.shift_fraction, lat.solver, lat.latent_solver
+        )
     dev = prepare(seed, threads, device)
     start = time.time()
     with tempfile.TemporaryDirectory(prefix="pdae-run-") as tmp:

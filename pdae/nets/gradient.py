@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from pdae.nets.backbone import Features, UpBlockPlan, UpPathPlan
 from pdae.nets.layers import SelfAttention, group_norm, groups_for, modulate_twice, upsample_conv3x3, zero_module
@@ -136,7 +137,12 @@ class GradientEstimator(nn.Module):
         z_dim: size of the semantic code z.
         dropout: dropout inside the z-ResBlocks.
         skip_norm: "separate" | "joint": how up-path blocks normalise cat(hidden, frozen skip) (see ZResBlock).
+
+    Setting `grad_checkpoint = True` makes forward passes that record gradients keep only each block's inputs and
+    recompute the block in backward (less activation memory, one more forward of G per step; same gradients).
     """
+
+    grad_checkpoint: bool = False
 
     def __init__(self, plan: UpPathPlan, z_dim: int, dropout: float = 0.0, skip_norm: str = "separate") -> None:
         super().__init__()
@@ -155,19 +161,24 @@ class GradientEstimator(nn.Module):
         self.out_norm = group_norm(last, g, eps)
         self.out_conv = zero_module(nn.Conv2d(last, plan.image_channels, 3, padding=1))
 
+    def _run(self, block: nn.Module, *args: torch.Tensor | None) -> torch.Tensor:
+        if self.grad_checkpoint and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
     def forward(self, feats: Features, z: torch.Tensor) -> torch.Tensor:
         """feats: frozen features of x_t (Backbone.features); z: (N, z_dim) or (1, z_dim) -> g: (N, C, H, W)."""
         t_act = F.silu(feats.emb)
         z_act = F.silu(self.z_emb(z.to(feats.emb.dtype)))
         res0, attn, res1 = self.mid
-        h = res1(attn(res0(feats.h, t_act, z_act)), t_act, z_act)
+        h = self._run(res1, self._run(attn, self._run(res0, feats.h, t_act, z_act)), t_act, z_act)
         skips = feats.skips
         for level in self.levels:
             for i, resnet in enumerate(level.resnets):
-                h = resnet(h, t_act, z_act, skips[-1])
+                h = self._run(resnet, h, t_act, z_act, skips[-1])
                 skips = skips[:-1]
                 if len(level.attentions):
-                    h = level.attentions[i](h)
+                    h = self._run(level.attentions[i], h)
             if level.upsampler is not None:
-                h = level.upsampler(h, t_act, z_act)
+                h = self._run(level.upsampler, h, t_act, z_act)
         return self.out_conv(F.silu(self.out_norm(h)))
