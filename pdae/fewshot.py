@@ -31,6 +31,7 @@ from torch import Tensor
 
 from pdae.errors import PdaeError
 
+MIN_SET = 5  # fewer accepted images get no FD / KID (a bootstrap resample of 2 points is mostly duplicates)
 PROTOCOL = (
     "d2c-threshold: K labelled train examples per class, logistic regression on normalised z, latent-DPM draws "
     "accepted when p(class | z) >= threshold, first n accepted decoded; top-k: the n best-scoring draws; "
@@ -118,14 +119,15 @@ def topk_select(scores: Tensor, n: int) -> Tensor:
 
 
 def set_scores(scorer, images: Tensor, target: int, real_feats: Tensor, n_boot: int, seed: int) -> dict[str, Any]:
-    """Precision of images (n, C, H, W) for class `target` by `scorer`, FD and KID vs real features (R, F)."""
+    """Precision of images (n, C, H, W) for class `target` by `scorer`, FD and KID vs real features (R, F) with
+    bootstrap intervals (None below MIN_SET images)."""
     from pdae.metrics.intervals import frechet_distance_with_interval, kid_with_interval
 
     out: dict[str, Any] = {"n": len(images), "precision": None, "fd": None, "kid": None}
     if len(images) == 0:
         return out
     out["precision"] = float((scorer.predict_proba(images.cpu()).argmax(1) == target).double().mean())
-    if len(images) >= 2 and len(real_feats) >= 2:
+    if len(images) >= MIN_SET and len(real_feats) >= MIN_SET:
         feats = scorer.features(images.cpu()).double()
         out["fd"] = frechet_distance_with_interval(feats, real_feats, n_boot=n_boot, seed=seed)
         out["kid"] = kid_with_interval(feats, real_feats, n_boot=n_boot, seed=seed)
