@@ -173,9 +173,9 @@ def test_fewshot_end_to_end_on_tiny_project(tiny_project):
                              bare=bare)  # fmt: skip
     assert set(m["K"]) == {1, 3} and m["draws"] == 100 and m["threshold"] == 0.5 and m["protocol"].startswith("d2c")
     assert m["validation_rows"] == int(val.sum()) > 0 and m["K"][3]["labelled"] == 30
-    for k, entry in m["K"].items():
+    for entry in m["K"].values():
         assert entry["c_selection"]["candidates"] == [0.01, 0.1, 1.0] and len(entry["per_class"]) == 10
-        for c, row in entry["per_class"].items():
+        for row in entry["per_class"].values():
             assert 0 <= row["acceptance_rate"] <= 1 and row["n_accepted"] <= 5
             assert row["topk_precision"] in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # five top-k images per class
             assert (row["fd"] is None) == (row["n_accepted"] < 5)
