@@ -302,3 +302,16 @@ def test_latent_stage_without_conditions_skips_label_metrics(tiny_project, monke
     assert m["label_metrics"].startswith("skipped") and "fewshot" not in m and "uncond_fd" not in m
     assert m["uncond_latent_fd"] >= 0 and m["clamp_study"]["samples"] == 0
     assert "samples.png" in run.artifacts and "clamp.png" not in run.artifacts
+
+
+def test_shift_fraction_benchmark_scores_validation_rows(tiny_project):
+    from benchmarks.shift_fraction import measure
+    from pdae.data import load_validation_ids
+
+    res = measure(tiny_project, [0.0, 1.0], steps=2)
+    assert res["split"] == "validation" and res["n_validation"] == len(
+        load_validation_ids(tiny_project / "data/prepared")
+    )
+    agree = [r["class_agreement"] for r in res["rows"]]
+    assert all(0 <= a <= 1 for a in agree) and res["selected"] == [0.0, 1.0][agree.index(max(agree))]
+    assert all(r["fd"] >= 0 for r in res["rows"])
