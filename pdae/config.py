@@ -169,6 +169,8 @@ class LatentConfig(Section):
     # inverse L2 strengths of the few-shot logistic regression; several: chosen by validation precision
     fewshot_c: list[float] = Field(default_factory=lambda: [0.01, 0.1, 1.0], min_length=1)
     fewshot_boot: int = Field(200, ge=2)  # bootstrap resamples of the few-shot FD / KID intervals
+    fewshot_features: Literal["classifier", "inception"] = "classifier"  # feature space of the few-shot FD / KID
+    fewshot_real: int | None = Field(None, ge=5)  # cap on real train images per class (FD / KID reference)
     scorer_epochs: int = Field(30, ge=1)  # training length of the attribute scorers (conditions other than `label`)
     classcond_images: int = Field(10_000, ge=0)  # class-conditional G training length (0 = skip)
     classcond_batch_size: int = Field(64, ge=1)

@@ -118,17 +118,38 @@ def topk_select(scores: Tensor, n: int) -> Tensor:
     return scores.argsort(descending=True, stable=True)[:n]
 
 
-def set_scores(scorer, images: Tensor, target: int, real_feats: Tensor, n_boot: int, seed: int) -> dict[str, Any]:
+def feature_fn(kind: str, scorer):
+    """images (N, C, H, W) in [-1, 1] -> float64 features (N, F) for the few-shot FD / KID: "classifier" = the
+    scorer's penultimate features, "inception" = Inception pool3 (FID / KID proper; its weights must be available)."""
+    if kind == "classifier":
+        return lambda x: scorer.features(x.cpu()).double()
+    from pdae.metrics import inception_features
+
+    def fn(x: Tensor) -> Tensor:
+        feats, source = inception_features(x.cpu(), cache=False)
+        if feats is None:
+            raise PdaeError(
+                f"latent.fewshot_features is 'inception' but no Inception weights are available ({source}); "
+                "cache them once (see docs/reproduce.md) or set latent.fewshot_features: classifier."
+            )
+        return feats.double()
+
+    return fn
+
+
+def set_scores(scorer, images: Tensor, target: int, real_feats: Tensor, n_boot: int, seed: int,
+               features=None) -> dict[str, Any]:  # fmt: skip
     """Precision of images (n, C, H, W) for class `target` by `scorer`, FD and KID vs real features (R, F) with
-    bootstrap intervals (None below MIN_SET images)."""
+    bootstrap intervals (None below MIN_SET images); `features` as `feature_fn` (default: the scorer's)."""
     from pdae.metrics.intervals import frechet_distance_with_interval, kid_with_interval
 
+    features = features or feature_fn("classifier", scorer)
     out: dict[str, Any] = {"n": len(images), "precision": None, "fd": None, "kid": None}
     if len(images) == 0:
         return out
     out["precision"] = float((scorer.predict_proba(images.cpu()).argmax(1) == target).double().mean())
     if len(images) >= MIN_SET and len(real_feats) >= MIN_SET:
-        feats = scorer.features(images.cpu()).double()
+        feats = features(images)
         out["fd"] = frechet_distance_with_interval(feats, real_feats, n_boot=n_boot, seed=seed)
         out["kid"] = kid_with_interval(feats, real_feats, n_boot=n_boot, seed=seed)
     return out
@@ -149,13 +170,14 @@ def _summary(per_class: dict[int, dict[str, Any]], keys: tuple[str, ...]) -> dic
 
 
 def _class_sets(scorer, imgs: Tensor, picks: list[tuple[Tensor, Tensor]], classes: list[int], probs: Tensor,
-                threshold: float, real: dict[int, Tensor], n_boot: int, seed: int) -> dict[int, dict]:  # fmt: skip
+                threshold: float, real: dict[int, Tensor], n_boot: int, seed: int,
+                features) -> dict[int, dict]:  # fmt: skip
     """Per-class metrics from decoded images (sum of pick sizes, C, H, W): threshold-accepted then top-k per class."""
     out, offset = {}, 0
     for j, (c, (acc, top)) in enumerate(zip(classes, picks, strict=True)):
         accepted, best = imgs[offset : offset + len(acc)], imgs[offset + len(acc) : offset + len(acc) + len(top)]
         offset += len(acc) + len(top)
-        s = set_scores(scorer, accepted, c, real[c], n_boot, seed)
+        s = set_scores(scorer, accepted, c, real[c], n_boot, seed, features)
         out[c] = {
             "acceptance_rate": float((probs[:, j] >= threshold).double().mean()),
             "n_accepted": s["n"],
@@ -168,7 +190,7 @@ def _class_sets(scorer, imgs: Tensor, picks: list[tuple[Tensor, Tensor]], classe
 
 
 def _baseline(scorer, bare: Tensor, pixels, train_x: Tensor, labels: Tensor, lab: Tensor, val_mask: Tensor, cfg,
-              real: dict[int, Tensor], classes: list[int], seed: int) -> dict[str, Any]:  # fmt: skip
+              real: dict[int, Tensor], classes: list[int], seed: int, features) -> dict[str, Any]:  # fmt: skip
     """Bare DPM + rejection: a pixel classifier on the labelled images; bare samples (M, C, H, W) accepted by it."""
     thr, n = cfg.fewshot_threshold, cfg.fewshot_samples
     xv = pixels(train_x[val_mask])
@@ -176,7 +198,8 @@ def _baseline(scorer, bare: Tensor, pixels, train_x: Tensor, labels: Tensor, lab
     probs = class_probs(clf, pixels(bare))
     per_class = {}
     for j, c in enumerate(classes):
-        s = set_scores(scorer, bare[threshold_select(probs[:, j], n, thr)], c, real[c], cfg.fewshot_boot, seed)
+        accepted = bare[threshold_select(probs[:, j], n, thr)]
+        s = set_scores(scorer, accepted, c, real[c], cfg.fewshot_boot, seed, features)
         per_class[c] = {"acceptance_rate": float((probs[:, j] >= thr).double().mean()), "n_accepted": s["n"],
                         "threshold_precision": s["precision"], "fd": s["fd"], "kid": s["kid"]}  # fmt: skip
     keys = ("acceptance_rate", "threshold_precision", "fd", "kid")
@@ -208,7 +231,12 @@ def fewshot_study(
     pool = sample_latents(dpm, cfg.fewshot_draws, cfg.latent_steps, cfg.clip_noise, cfg.clip_x0, gen,
                           cfg.eval_batch_size)  # fmt: skip
     pool_zn, zn = dpm.normalise(pool).cpu(), dpm.normalise(train_z).cpu()
-    real = {c: scorer.features(train_x[labels == c]).double() for c in classes}
+    features, real = feature_fn(cfg.fewshot_features, scorer), {}
+    for c in classes:
+        rows = torch.nonzero(labels == c).flatten()
+        if cfg.fewshot_real is not None and len(rows) > cfg.fewshot_real:
+            rows = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[: cfg.fewshot_real]]
+        real[c] = features(train_x[rows])
     flat = train_x.flatten(1)
     mu, sd = flat.mean(0), flat.std(0).clamp_min(1e-6)
 
@@ -229,7 +257,7 @@ def fewshot_study(
         picks = [(threshold_select(probs[:, j], n, thr), topk_select(probs[:, j], n)) for j in range(len(classes))]
         codes = torch.cat([pool[torch.cat([a, b])] for a, b in picks])
         imgs = decode_codes(model, codes, torch.randn(len(codes), ch, size, size, generator=gen), schedule, cfg)
-        per_class = _class_sets(scorer, imgs, picks, classes, probs, thr, real, cfg.fewshot_boot, seed)
+        per_class = _class_sets(scorer, imgs, picks, classes, probs, thr, real, cfg.fewshot_boot, seed, features)
         keys = ("acceptance_rate", "threshold_precision", "topk_precision", "fd", "kid")
         per_k[k] = {
             "labelled": len(lab),
@@ -239,11 +267,12 @@ def fewshot_study(
         }
         if bare is not None:
             per_k[k]["baseline"] = _baseline(scorer, bare, pixels, train_x, labels, lab, val_mask, cfg, real, classes,
-                                             seed)  # fmt: skip
+                                             seed, features)  # fmt: skip
         offsets = np.cumsum([0] + [len(a) + len(b) for a, b in picks])
         rows = [_row(imgs[offsets[j] : offsets[j] + len(a)], n) for j, (a, _) in enumerate(picks)]
         grids[f"K{k}"] = (torch.cat(rows), n)
     metrics = {"protocol": PROTOCOL, "classes": classes, "threshold": thr, "draws": len(pool), "samples": n,
+               "features": cfg.fewshot_features, "n_real": {c: len(f) for c, f in real.items()},
                "validation_rows": int(val_mask.sum()), "K": per_k,
                "cpu_seconds": round(time.process_time() - start, 1)}  # fmt: skip
     return metrics, grids

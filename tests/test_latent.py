@@ -127,6 +127,16 @@ def test_threshold_and_topk_selection():
     assert accepted_precision(probs, torch.tensor([0, 1, 1, 1]), [0, 1], 0.95) is None
 
 
+def test_inception_features_without_weights_is_one_clear_error(monkeypatch):
+    from pdae.fewshot import feature_fn
+
+    monkeypatch.setattr(
+        "pdae.metrics.inception.inception_extractor", lambda weights="auto": (None, "no weights cached")
+    )
+    with pytest.raises(PdaeError, match="no weights cached.*fewshot_features: classifier"):
+        feature_fn("inception", None)(torch.zeros(2, 1, 8, 8))
+
+
 def test_labelled_examples_and_c_selection_on_validation():
     gen = torch.Generator().manual_seed(0)
     centres = 4 * torch.eye(3, 6)
@@ -161,7 +171,8 @@ def test_fewshot_end_to_end_on_tiny_project(tiny_project):
 
     prepared = tiny_project / "data/prepared"
     model, schedule, lat = _tiny_models(tiny_project)
-    cfg = LatentConfig(**TINY, images=64 * 3, fewshot_k=[1, 3], fewshot_samples=5, fewshot_draws=100, fewshot_boot=20)
+    cfg = LatentConfig(**TINY, images=64 * 3, fewshot_k=[1, 3], fewshot_samples=5, fewshot_draws=100, fewshot_boot=20,
+                       fewshot_real=20)  # fmt: skip
     dpm, _ = train_latent(lat["train"]["z"], lat["stats"]["mean"], lat["stats"]["std"], cfg, 0, torch.device("cpu"),
                           progress=False)  # fmt: skip
     x, ids = load_split(prepared, "train")
@@ -173,6 +184,7 @@ def test_fewshot_end_to_end_on_tiny_project(tiny_project):
                              bare=bare)  # fmt: skip
     assert set(m["K"]) == {1, 3} and m["draws"] == 100 and m["threshold"] == 0.5 and m["protocol"].startswith("d2c")
     assert m["validation_rows"] == int(val.sum()) > 0 and m["K"][3]["labelled"] == 30
+    assert m["features"] == "classifier" and set(m["n_real"].values()) == {20}  # capped real set per class
     for entry in m["K"].values():
         assert entry["c_selection"]["candidates"] == [0.01, 0.1, 1.0] and len(entry["per_class"]) == 10
         for row in entry["per_class"].values():
