@@ -286,7 +286,9 @@ def uncond_study(
                 study[k]["fd"] = classifier_fd(scorer, images[k], ref_x)
                 study[k]["class_entropy"] = class_scores(scorer, images[k])["class_entropy"]
     reference = "test" if ref_z is test_z else "validation"
-    metrics["clamp_study"] = {"samples": ns, "latent_samples": n, "reference": reference, **study}
+    best = min(study, key=lambda k: study[k]["latent_fd"])
+    metrics["clamp_study"] = {"samples": ns, "latent_samples": n, "reference": reference, "best_latent_fd": best}
+    metrics["clamp_study"].update(study)
     if keep is not None:
         keep["bare"] = images["bare"]
     metrics["uncond_cpu_seconds"] = round(time.process_time() - start, 1)

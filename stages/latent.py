@@ -69,6 +69,12 @@ def body(cfg, run) -> dict:
                                    train_x[val], keep)  # fmt: skip
     metrics.update(uncond, n_samples=lcfg.n_samples, latent_steps=lcfg.latent_steps, steps=lcfg.steps)
     metrics["n_validation"] = int(val.sum())
+    metrics["selection"] = {  # settings chosen by looking at results, all on the validation split
+        "clamp": {"configured": uncond["clamp"], "study": "clamp_study (reference: validation)",
+                  "lowest_latent_fd": uncond["clamp_study"]["best_latent_fd"]},
+        "shift_fraction": {"configured": lcfg.shift_fraction, "measured_by": "python -m benchmarks.shift_fraction"},
+        "fewshot_c": "per condition and K: fewshot.<condition>.K.<K>.c_selection",
+    }  # fmt: skip
     if not columns:
         metrics["label_metrics"] = (
             "skipped: attributes.csv has no label or binary attribute column (no FD, few-shot or class-cond G)"

@@ -271,6 +271,8 @@ def test_latent_stage_on_tiny_project(tiny_project, monkeypatch):
     assert m["fewshot_conditions"] == ["label"] and set(few["K"]) == {"1", "2"} and "baseline" in few["K"]["1"]
     assert set(m["classcond_precision"]) == {"0.0", "1.0"} and m["classcond_condition"] == "label"
     assert m["clamp_study"]["reference"] == "validation" and m["n_validation"] > 0
+    fds = {k: m["clamp_study"][k]["latent_fd"] for k in ("none", "noise", "x0", "both")}
+    assert m["selection"]["clamp"]["lowest_latent_fd"] == min(fds, key=fds.get)
     assert set(m["clamp_study"]) >= {"none", "noise", "x0", "both"} and m["n_samples"] == 24
     assert load_latent(tiny_project / "models/latent").mlp.config["width"] == 16
     assert {"samples.png", "clamp.png", "fewshot_label_K1.png", "fewshot_label_K2.png", "classcond.png"} <= set(
