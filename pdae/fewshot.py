@@ -50,6 +50,18 @@ def condition_labels(attrs: pd.DataFrame, ids: Tensor, column: str) -> Tensor:
     return torch.from_numpy(attrs.set_index("id").loc[ids.numpy(), column].to_numpy(dtype=np.int64).copy())
 
 
+def check_condition(column: str, labels: Tensor, val_mask: Tensor, ks: list[int]) -> None:
+    """Fail early (before any training) unless classes (N,) of the train rows allow every K outside validation."""
+    classes, counts = torch.unique(labels[~val_mask], return_counts=True)
+    if len(torch.unique(labels)) < 2:
+        raise PdaeError(f"few-shot condition '{column}' has one class on the train split; pick a column with two.")
+    if len(classes) < len(torch.unique(labels)) or int(counts.min()) < max(ks):
+        raise PdaeError(
+            f"few-shot condition '{column}': a class has {int(counts.min()) if len(classes) else 0} labelled train "
+            f"examples outside the validation split, fewer than K = {max(ks)}; lower latent.fewshot_k."
+        )
+
+
 def labelled_examples(labels: Tensor, k: int, eligible: Tensor, generator: torch.Generator) -> Tensor:
     """Indices (K * C,) of k random rows per class of labels (N,) among the `eligible` (N,) bool rows, class order."""
     out = []

@@ -9,7 +9,7 @@ import torch
 from pdae.autoencode import load_models
 from pdae.data import binary_attribute_names, load_attributes, load_split, load_validation_ids, validation_mask
 from pdae.errors import PdaeError
-from pdae.fewshot import condition_labels, fewshot_study
+from pdae.fewshot import check_condition, condition_labels, fewshot_study
 from pdae.io import load_tensors, save_image_grid
 from pdae.latent import classcond_study, save_latent, train_classcond, train_latent, uncond_study
 from pdae.nets.pdae import save_pdae
@@ -48,6 +48,13 @@ def scorers(columns, attrs, train_x, train_ids, test_x, test_ids, lcfg, base, de
 def body(cfg, run) -> dict:
     base, lcfg, device = cfg["base"], cfg["latent"], cfg["device"]
     train, test, stats = (load_tensors(LATENTS / f"{n}.safetensors", "latents") for n in ("train", "test", "stats"))
+    train_x, train_ids = load_split(PREPARED, "train")
+    if not torch.equal(train_ids, train["ids"].long()):
+        raise PdaeError("latents/train.safetensors does not match the prepared train split; re-run the encode stage.")
+    val, attrs = validation_mask(train_ids, load_validation_ids(PREPARED)), load_attributes(PREPARED)
+    columns = conditions(attrs, lcfg)
+    for col in columns:  # bad conditions fail here, before any training
+        check_condition(col, condition_labels(attrs, train_ids, col), val, lcfg.fewshot_k)
     ckpt = CKPT / "mlp.safetensors"
     dpm, res = train_latent(train["z"], stats["mean"], stats["std"], lcfg, base.seed, device, ckpt, run)
     save_latent(dpm, OUT)
@@ -56,13 +63,7 @@ def body(cfg, run) -> dict:
     model, schedule = load_models("models/baseline", "models/pdae", device)
     dpm.to(device)
     gen = torch.Generator().manual_seed(base.seed + 7)
-    train_x, train_ids = load_split(PREPARED, "train")
     test_x, test_ids = load_split(PREPARED, "test")
-    if not torch.equal(train_ids, train["ids"].long()):
-        raise PdaeError("latents/train.safetensors does not match the prepared train split; re-run the encode stage.")
-    val = validation_mask(train_ids, load_validation_ids(PREPARED))
-    attrs = load_attributes(PREPARED)
-    columns = conditions(attrs, lcfg)
     scorer_of, facts = scorers(columns, attrs, train_x, train_ids, test_x, test_ids, lcfg, base, device)
     scorer, keep = scorer_of.get(columns[0]) if columns else None, {}
     uncond, figures = uncond_study(dpm, model, schedule, test["z"], lcfg, gen, scorer, test_x, train["z"][val],

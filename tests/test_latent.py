@@ -329,3 +329,16 @@ def test_shift_fraction_benchmark_scores_validation_rows(tiny_project):
     agree = [r["class_agreement"] for r in res["rows"]]
     assert all(0 <= a <= 1 for a in agree) and res["selected"] == [0.0, 1.0][agree.index(max(agree))]
     assert all(r["fd"] >= 0 for r in res["rows"])
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [("  fewshot_attributes: [nope]\n", "'nope' is not a label or attribute column"),
+     ("  fewshot_k: [500]\n", "fewer than K = 500")],
+)  # fmt: skip
+def test_bad_fewshot_condition_fails_before_training(tiny_project, monkeypatch, capsys, extra, message):
+    with pytest.raises(SystemExit) as exit_info:
+        _run_stage(tiny_project, monkeypatch, extra=extra)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 1 and len(err) == 1 and message in err[0] and "latent.fewshot" in err[0]
+    assert not (tiny_project / "models/latent").exists() and not (tiny_project / "metrics/latent.json").exists()
