@@ -115,7 +115,7 @@ class ClassifyConfig(Section):
     probe_c: float = Field(1.0, gt=0)  # inverse L2 strength of the logistic-regression probes
     # inverse L2 strength of the probes whose normals are edit directions; several: chosen on the validation split
     direction_c: list[float] = Field(default_factory=lambda: [0.01, 0.1, 1.0], min_length=1)
-    selection_images: int = Field(20, ge=2)  # validation images for choosing direction_c (manipulation success)
+    selection_images: int = Field(10, ge=2)  # validation images for choosing direction_c (manipulation success)
     max_iter: int = Field(2000, ge=10)
     xT_steps: int = Field(20, ge=1, le=1000)  # bare-DPM DDIM inversion steps for the x_T probe
     batch_size: int = Field(256, ge=1)

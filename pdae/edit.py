@@ -158,17 +158,21 @@ def manipulation_success(
     *,
     z: Tensor | None = None,
     x_T: Tensor | None = None,
+    reconstruction: bool = True,
 ) -> dict:
     """Share of images (label != k) that `scorer` assigns to class k after an edit along `class_attrs[k]`.
 
     images (N, C, H, W), labels (N,). z (N, d) and x_T (inverted from z with `steps` steps) are computed when not
     given (pass them to score several direction sets on the same images). Returns `manipulation_success` (mean over
-    k), `per_class` {k: share}, and `reconstruction_agreement` (scale 0: share still classified as their own label).
+    k), `per_class` {k: share}, and `reconstruction_agreement` (scale 0: share still classified as their own label;
+    None with reconstruction=False, which skips that decode).
     """
     z = encode(model, images, batch_size) if z is None else z
     x_T = invert(model, images, z, schedule, steps, batch_size, progress) if x_T is None else x_T
-    recon = decode(model, z, x_T, schedule, steps, batch_size=batch_size, progress=progress)
-    recon_ok = (scorer.predict_proba(recon).argmax(1) == labels).double().mean().item()
+    recon_ok = None
+    if reconstruction:
+        recon = decode(model, z, x_T, schedule, steps, batch_size=batch_size, progress=progress)
+        recon_ok = (scorer.predict_proba(recon).argmax(1) == labels).double().mean().item()
     norm, codes, xts, targets = directions.normaliser, [], [], []
     for k, name in sorted(class_attrs.items()):
         sel = labels != k
@@ -205,7 +209,7 @@ def select_direction_c(
     scores = []
     for c in candidates:
         res = manipulation_success(model, schedule, scorer, images, labels, fit(c), class_attrs, scale, steps,
-                                   batch_size, z=z, x_T=x_T)  # fmt: skip
+                                   batch_size, z=z, x_T=x_T, reconstruction=False)  # fmt: skip
         scores.append(res["manipulation_success"])
     best = max(range(len(scores)), key=lambda i: -1.0 if scores[i] is None else scores[i])
     return {"candidates": list(candidates), "validation_manipulation_success": scores, "selected": candidates[best],
