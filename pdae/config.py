@@ -166,7 +166,7 @@ class LatentConfig(Section):
     fewshot_draws: int = Field(4000, ge=1)  # cap on latent-DPM draws (the rejection-sampling pool)
     fewshot_attributes: list[str] | None = None  # condition columns of attributes.csv; None: the `label` column
     fewshot_threshold: float = Field(0.5, gt=0, lt=1)  # a draw is accepted for class c when p(c | z) >= this
-    # inverse L2 strengths of the few-shot logistic regression; several: chosen by validation precision
+    # inverse L2 strengths of the few-shot logistic regression; several: chosen by validation F1 of the acceptance
     fewshot_c: list[float] = Field(default_factory=lambda: [0.01, 0.1, 1.0], min_length=1)
     fewshot_boot: int = Field(200, ge=2)  # bootstrap resamples of the few-shot FD / KID intervals
     fewshot_features: Literal["classifier", "inception"] = "classifier"  # feature space of the few-shot FD / KID

@@ -5,7 +5,7 @@ A condition is a column of attributes.csv with integer classes: the `label` colu
 
 - protocol "d2c-threshold" (D2C's few-shot setting): K labelled examples per class are drawn from the train split
   (validation rows excluded); a logistic regression on normalised z is fitted on those K * C codes, its L2 strength
-  chosen among `latent.fewshot_c` by the precision of its accepted validation codes; latent-DPM draws are scored and
+  chosen among `latent.fewshot_c` by the F1 of its acceptance on the validation codes; latent-DPM draws are scored and
   a draw is accepted for class c when p(c | z) >= `latent.fewshot_threshold` (rejection sampling); the first n
   accepted draws (in draw order) are decoded. `acceptance_rate` is the share of draws accepted.
 - variant "top-k": the n best-scoring draws of the same pool, whatever their score (its acceptance is n / draws by
@@ -104,19 +104,37 @@ def accepted_precision(probs: Tensor, labels: Tensor, classes: list[int], thresh
     return float(np.mean(per)) if per else None
 
 
+def accepted_f1(probs: Tensor, labels: Tensor, classes: list[int], threshold: float) -> float:
+    """Mean over classes of the F1 score of "accepted for c" (p >= threshold) against "label is c" (M rows).
+
+    Unlike precision alone it does not reward a classifier that accepts (almost) nothing.
+    """
+    scores = []
+    for j, c in enumerate(classes):
+        accepted, positive = probs[:, j] >= threshold, labels == c
+        hits = float((accepted & positive).sum())
+        denom = float(accepted.sum() + positive.sum())
+        scores.append(2 * hits / denom if denom else 0.0)
+    return float(np.mean(scores))
+
+
 def select_c(
     x_lab: Tensor, y_lab: Tensor, x_val: Tensor, y_val: Tensor, candidates: list[float], threshold: float, seed: int
 ) -> tuple[Any, dict[str, Any]]:
-    """Fit one classifier per candidate C on the labelled (n, d) features, keep the one whose accepted validation
-    rows (x_val (V, d), y_val (V,)) are most precise (ties: the earlier candidate). Returns (classifier, record)."""
+    """Fit one classifier per candidate C on the labelled (n, d) features, keep the one with the best mean F1 of its
+    threshold acceptance on the validation rows (x_val (V, d), y_val (V,)); ties: the earlier candidate. Precision
+    alone is not the criterion: it favours strong penalties whose flat probabilities accept almost no draw.
+    Returns (classifier, record with the candidates, their validation F1 and precision, and the choice)."""
     classes = sorted(int(v) for v in torch.unique(y_lab))
     fits = [fit_classifier(x_lab, y_lab, c, seed) for c in candidates]
     if len(candidates) == 1 or len(x_val) == 0:
         why = "one candidate" if len(candidates) == 1 else "empty validation split"
-        return fits[0], {"candidates": candidates, "selected": candidates[0], "validation_precision": None, "why": why}
-    scores = [accepted_precision(class_probs(f, x_val), y_val, classes, threshold) for f in fits]
-    best = max(range(len(fits)), key=lambda i: -1.0 if scores[i] is None else scores[i])
-    record = {"candidates": candidates, "selected": candidates[best], "validation_precision": scores}
+        return fits[0], {"candidates": candidates, "selected": candidates[0], "validation_f1": None, "why": why}
+    probs = [class_probs(f, x_val) for f in fits]
+    f1 = [accepted_f1(p, y_val, classes, threshold) for p in probs]
+    best = max(range(len(fits)), key=lambda i: f1[i])
+    record = {"candidates": candidates, "selected": candidates[best], "validation_f1": f1,
+              "validation_precision": [accepted_precision(p, y_val, classes, threshold) for p in probs]}  # fmt: skip
     return fits[best], record
 
 

@@ -15,6 +15,7 @@ from pdae.data import load_split
 from pdae.diffusion import Schedule
 from pdae.errors import PdaeError
 from pdae.fewshot import (
+    accepted_f1,
     accepted_precision,
     class_probs,
     fewshot_study,
@@ -125,6 +126,9 @@ def test_threshold_and_topk_selection():
     probs = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])
     assert accepted_precision(probs, torch.tensor([0, 1, 1, 1]), [0, 1], 0.65) == (0.5 + 1.0) / 2
     assert accepted_precision(probs, torch.tensor([0, 1, 1, 1]), [0, 1], 0.95) is None
+    # class 0: accepted {0, 1}, positives {0} -> F1 2/3; class 1: accepted {2}, positives {1, 2, 3} -> F1 2/4
+    assert accepted_f1(probs, torch.tensor([0, 1, 1, 1]), [0, 1], 0.65) == pytest.approx((2 / 3 + 0.5) / 2)
+    assert accepted_f1(probs, torch.tensor([0, 1, 1, 1]), [0, 1], 0.95) == 0.0
 
 
 def test_inception_features_without_weights_is_one_clear_error(monkeypatch):
@@ -149,6 +153,7 @@ def test_labelled_examples_and_c_selection_on_validation():
     # an absurdly strong penalty (C = 1e-6) gives flat probabilities that accept nothing at 0.5: never selected
     clf, rec = select_c(z[lab], labels[lab], z[val], labels[val], [1e-6, 1.0], 0.5, 0)
     assert rec["selected"] == 1.0 and rec["validation_precision"][0] is None and rec["validation_precision"][1] > 0.9
+    assert rec["validation_f1"][0] == 0.0 and rec["validation_f1"][1] > 0.9
     assert (class_probs(clf, centres).argmax(1) == torch.arange(3)).all()
     _, rec = select_c(z[lab], labels[lab], z[:0], labels[:0], [0.1, 1.0], 0.5, 0)
     assert rec["selected"] == 0.1 and rec["why"] == "empty validation split"
