@@ -245,6 +245,11 @@ def decode_codes(model, z: Tensor, x_T: Tensor, schedule: Schedule, cfg: LatentC
     )
 
 
+def _verdict(result: str, a: str, b: str) -> str:
+    """compare()'s "a lower" / "b lower" with the sets' names; "no difference at this size" unchanged."""
+    return {"a lower": f"{a} lower", "b lower": f"{b} lower"}.get(result, result)
+
+
 def uncond_study(
     dpm: LatentDPM, model, schedule: Schedule, test_z: Tensor, cfg: LatentConfig, gen: torch.Generator, scorer=None,
     test_x: Tensor | None = None, val_z: Tensor | None = None, val_x: Tensor | None = None, keep: dict | None = None,
@@ -259,7 +264,8 @@ def uncond_study(
     Returns (metrics, figures "samples" (48 latent-DPM samples over 48 bare-DPM samples from the same x_T) and
     "clamp" (a row of unclamped over a row of clamped samples, paired by column; only when study_samples > 0)).
     """
-    from pdae.scoring import class_scores, classifier_fd
+    from pdae.metrics import compare
+    from pdae.scoring import class_scores, classifier_fd_interval
 
     start, size = time.process_time(), model.backbone.image_size
     n, ns = cfg.n_samples, min(cfg.study_samples, cfg.n_samples)
@@ -276,17 +282,30 @@ def uncond_study(
         images[k] = imgs
     metrics: dict[str, Any] = {"uncond_latent_fd": latent_fd(codes[chosen], test_z, dpm), "clamp": chosen}
     if scorer is not None and test_x is not None:
+        fds = {}
         for key, imgs in (("uncond", images["latent"]), ("baseline_uncond", images["bare"])):
             scores = class_scores(scorer, imgs)
-            metrics[f"{key}_fd"] = classifier_fd(scorer, imgs, test_x)
+            fds[key] = fd = classifier_fd_interval(scorer, imgs, test_x)
+            metrics[f"{key}_fd"], metrics[f"{key}_fd_low"], metrics[f"{key}_fd_high"] = (
+                fd["value"],
+                fd["low"],
+                fd["high"],
+            )
             metrics[f"{key}_class_entropy"] = scores["class_entropy"]
             metrics[f"{key}_confident_fraction"] = scores["confident_fraction"]
+        # a ranking only when the 95% intervals separate (pdae.metrics.compare)
+        metrics["uncond_vs_baseline_fd"] = _verdict(
+            compare(fds["uncond"], fds["baseline_uncond"]), "latent DPM", "bare DPM"
+        )
         for k in ("none", "both"):
             if ns >= 2 and ref_x is not None:
-                study[k]["fd"] = classifier_fd(scorer, images[k], ref_x)
+                fd = fds[k] = classifier_fd_interval(scorer, images[k], ref_x)
+                study[k].update(fd=fd["value"], fd_low=fd["low"], fd_high=fd["high"])
                 study[k]["class_entropy"] = class_scores(scorer, images[k])["class_entropy"]
+        if ns >= 2 and ref_x is not None:
+            study["none_vs_both_fd"] = _verdict(compare(fds["none"], fds["both"]), "none", "both")
     reference = "test" if ref_z is test_z else "validation"
-    best = min(study, key=lambda k: study[k]["latent_fd"])
+    best = min(CLAMPS, key=lambda k: study[k]["latent_fd"])
     metrics["clamp_study"] = {"samples": ns, "latent_samples": n, "reference": reference, "best_latent_fd": best}
     metrics["clamp_study"].update(study)
     if keep is not None:

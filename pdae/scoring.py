@@ -53,3 +53,12 @@ def classifier_fd(scorer, images: Tensor, reference: Tensor) -> float:
     from pdae.metrics import frechet_distance
 
     return float(frechet_distance(scorer.features(images.cpu()).double(), scorer.features(reference.cpu()).double()))
+
+
+@torch.no_grad()
+def classifier_fd_interval(scorer, images: Tensor, reference: Tensor, n_boot: int = 200, seed: int = 0) -> dict:
+    """`classifier_fd` with its 95% bootstrap interval: {"value", "low", "high", ...} (pdae.metrics.intervals)."""
+    from pdae.metrics import frechet_distance_with_interval
+
+    feats = scorer.features(images.cpu()).double(), scorer.features(reference.cpu()).double()
+    return frechet_distance_with_interval(*feats, n_boot=n_boot, seed=seed)

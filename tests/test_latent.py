@@ -279,6 +279,11 @@ def test_latent_stage_on_tiny_project(tiny_project, monkeypatch):
     fds = {k: m["clamp_study"][k]["latent_fd"] for k in ("none", "noise", "x0", "both")}
     assert m["selection"]["clamp"]["lowest_latent_fd"] == min(fds, key=fds.get)
     assert set(m["clamp_study"]) >= {"none", "noise", "x0", "both"} and m["n_samples"] == 24
+    for res, key in ((m, "uncond_fd"), (m, "baseline_uncond_fd"), (m["clamp_study"]["none"], "fd")):
+        assert res[f"{key}_low"] <= res[key] <= res[f"{key}_high"], key
+    verdicts = {"latent DPM lower", "bare DPM lower", "no difference at this size"}
+    assert m["uncond_vs_baseline_fd"] in verdicts
+    assert m["clamp_study"]["none_vs_both_fd"] in {"none lower", "both lower", "no difference at this size"}
     assert load_latent(tiny_project / "models/latent").mlp.config["width"] == 16
     assert {"samples.png", "clamp.png", "fewshot_label_K1.png", "fewshot_label_K2.png", "classcond.png"} <= set(
         run.artifacts
