@@ -92,10 +92,11 @@ class BaseConfig(Section):
 # Dataset preparation and the label classifier that scores generated images.
 class PrepareConfig(Section):
     test_fraction: float = Field(0.2, gt=0, lt=1)
+    validation_fraction: float = Field(0.1, ge=0, lt=1)  # of the train split, held out for choosing settings
     folder: str | None = None  # image folder (dataset: folder)
     attributes: str | None = None  # CSV with a filename column, or CelebA-style ±1 table
     filename_column: str = "filename"
-    channels: Literal[1, 3] | None = None  # folder data: force greyscale/RGB (default: RGB)
+    channels: Literal[1, 3] | None = None  # folder data: force greyscale/RGB (default: 1 if every image is grey)
     shapes_count: int = Field(3000, ge=50)
     classifier_epochs: int = Field(30, ge=0)
     classifier_width: int = Field(32, ge=4)
@@ -171,7 +172,9 @@ class EncodeConfig(Section):
 # Attribute probes (z vs pixels vs the bare DPM's x_T), edit directions, manipulation and interpolation.
 class ClassifyConfig(Section):
     probe_c: float = Field(1.0, gt=0)  # inverse L2 strength of the logistic-regression probes
-    direction_c: float = Field(0.01, gt=0)  # inverse L2 strength of the probes whose normals are edit directions
+    # inverse L2 strength of the probes whose normals are edit directions; several: chosen on the validation split
+    direction_c: list[float] = Field(default_factory=lambda: [0.01, 0.1, 1.0], min_length=1)
+    selection_images: int = Field(10, ge=2)  # validation images for choosing direction_c (manipulation success)
     max_iter: int = Field(2000, ge=10)
     xT_steps: int = Field(20, ge=1, le=1000)  # bare-DPM DDIM inversion steps for the x_T probe
     batch_size: int = Field(256, ge=1)
@@ -181,6 +184,18 @@ class ClassifyConfig(Section):
     figure_images: int = Field(8, ge=1)
     interpolate_pairs: int = Field(4, ge=1)
     interpolate_frames: int = Field(8, ge=2)
+
+    @field_validator("direction_c", mode="before")
+    @classmethod
+    def _c_list(cls, v: Any) -> Any:
+        return [v] if isinstance(v, (int, float)) else v
+
+    @field_validator("direction_c")
+    @classmethod
+    def _c_positive(cls, v: list[float]) -> list[float]:
+        if any(c <= 0 for c in v):
+            raise ValueError(f"every candidate must be > 0 (got {v})")
+        return v
 
 
 # Latent DPM on normalised z (unconditional + few-shot generation) and the class-conditional G study.
@@ -211,13 +226,31 @@ class LatentConfig(Section):
     fewshot_k: list[int] = Field(default_factory=lambda: [1, 5, 10], min_length=1)
     fewshot_samples: int = Field(16, ge=1)  # decoded images per class and K
     fewshot_draws: int = Field(4000, ge=1)  # cap on latent-DPM draws (the rejection-sampling pool)
-    fewshot_threshold: float | None = Field(None, gt=0, lt=1)  # accept p(target | z) >= this; None: best of the draws
-    fewshot_c: float = Field(0.01, gt=0)  # inverse L2 strength of the few-shot logistic regression
+    fewshot_attributes: list[str] | None = None  # condition columns of attributes.csv; None: the `label` column
+    fewshot_threshold: float = Field(0.5, gt=0, lt=1)  # a draw is accepted for class c when p(c | z) >= this
+    # inverse L2 strengths of the few-shot logistic regression; several: chosen by validation F1 of the acceptance
+    fewshot_c: list[float] = Field(default_factory=lambda: [0.01, 0.1, 1.0], min_length=1)
+    fewshot_boot: int = Field(200, ge=2)  # bootstrap resamples of the few-shot FD / KID intervals
+    fewshot_features: Literal["classifier", "inception"] = "classifier"  # feature space of the few-shot FD / KID
+    fewshot_real: int | None = Field(None, ge=5)  # cap on real train images per class (FD / KID reference)
+    scorer_epochs: int = Field(30, ge=1)  # training length of the attribute scorers (conditions other than `label`)
     classcond_images: int = Field(10_000, ge=0)  # class-conditional G training length (0 = skip)
     classcond_batch_size: int = Field(64, ge=1)
     classcond_lr: float = Field(5e-4, gt=0)
     classcond_scales: list[float] = Field(default_factory=lambda: [0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0], min_length=1)
     classcond_samples: int = Field(6, ge=1)  # images per class and scale (same x_T for every scale)
+
+    @field_validator("fewshot_c", mode="before")
+    @classmethod
+    def _c_list(cls, v: Any) -> Any:
+        return [v] if isinstance(v, (int, float)) else v
+
+    @field_validator("fewshot_c")
+    @classmethod
+    def _c_positive(cls, v: list[float]) -> list[float]:
+        if any(c <= 0 for c in v):
+            raise ValueError(f"every candidate must be > 0 (got {v})")
+        return v
 
 
 # Evaluation: reconstruction table, FID/KID sets, gap curve, report and the served encoder (sized for 2 CPU cores).

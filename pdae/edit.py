@@ -166,17 +166,25 @@ def manipulation_success(
     progress: bool = False,
     solver: str = "ddim",
     inversion_steps: int | None = None,
+    *,
+    z: Tensor | None = None,
+    x_T: Tensor | None = None,
+    reconstruction: bool = True,
 ) -> dict:
     """Share of images (label != k) that `scorer` assigns to class k after an edit along `class_attrs[k]`.
 
-    images (N, C, H, W), labels (N,). Returns `manipulation_success` (mean over k), `per_class` {k: share}, and
-    `reconstruction_agreement` (scale 0: share still classified as their own label, a sanity check).
-    x_T: DDIM inversion with `inversion_steps` (None: `steps`); decoding: `solver` with `steps` evaluations.
+    images (N, C, H, W), labels (N,). z (N, d) and x_T (DDIM inversion from z with `inversion_steps`, None: `steps`)
+    are computed when not given (pass them to score several direction sets on the same images); decoding: `solver`
+    with `steps` evaluations. Returns `manipulation_success` (mean over k), `per_class` {k: share}, and
+    `reconstruction_agreement` (scale 0: share still classified as their own label; None with reconstruction=False,
+    which skips that decode).
     """
-    z = encode(model, images, batch_size)
-    x_T = invert(model, images, z, schedule, inversion_steps or steps, batch_size, progress)
-    recon = decode(model, z, x_T, schedule, steps, sampler=solver, batch_size=batch_size, progress=progress)
-    recon_ok = (scorer.predict_proba(recon).argmax(1) == labels).double().mean().item()
+    z = encode(model, images, batch_size) if z is None else z
+    x_T = invert(model, images, z, schedule, inversion_steps or steps, batch_size, progress) if x_T is None else x_T
+    recon_ok = None
+    if reconstruction:
+        recon = decode(model, z, x_T, schedule, steps, sampler=solver, batch_size=batch_size, progress=progress)
+        recon_ok = (scorer.predict_proba(recon).argmax(1) == labels).double().mean().item()
     norm, codes, xts, targets = directions.normaliser, [], [], []
     for k, name in sorted(class_attrs.items()):
         sel = labels != k
@@ -205,6 +213,28 @@ def manipulation_success(
         "per_class": per_class,
         "reconstruction_agreement": recon_ok,
     }
+
+
+def select_direction_c(
+    model, schedule: Schedule, scorer, images: Tensor, labels: Tensor, fit, candidates: Sequence[float],
+    class_attrs: dict[int, str], scale: float, steps: int = 100, batch_size: int = 256,
+) -> dict:  # fmt: skip
+    """Choose the L2 strength of the edit-direction probes by manipulation success on validation images.
+
+    fit(C) -> AttributeDirections fitted with inverse strength C on rows that exclude the validation images
+    (N, C, H, W) with labels (N,). z and x_T are inferred once and shared by every candidate. Ties go to the earlier
+    candidate. Returns {"candidates", "validation_manipulation_success", "selected", "validation_images"}.
+    """
+    z = encode(model, images, batch_size)
+    x_T = invert(model, images, z, schedule, steps, batch_size)
+    scores = []
+    for c in candidates:
+        res = manipulation_success(model, schedule, scorer, images, labels, fit(c), class_attrs, scale, steps,
+                                   batch_size, z=z, x_T=x_T, reconstruction=False)  # fmt: skip
+        scores.append(res["manipulation_success"])
+    best = max(range(len(scores)), key=lambda i: -1.0 if scores[i] is None else scores[i])
+    return {"candidates": list(candidates), "validation_manipulation_success": scores, "selected": candidates[best],
+            "validation_images": len(images)}  # fmt: skip
 
 
 def balanced_subset(labels: Tensor | None, n: int, seed: int = 0, size: int | None = None) -> Tensor:

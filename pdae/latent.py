@@ -192,67 +192,11 @@ def bare_samples(
     return torch.cat(outs)
 
 
-def labels_for(attrs, ids: Tensor) -> Tensor | None:
-    """Integer `label` (N,) of the prepared rows `ids` (N,) from attributes.csv's frame, or None without labels."""
-    if "label" not in attrs.columns:
+def labels_for(attrs, ids: Tensor, column: str = "label") -> Tensor | None:
+    """Integer classes (N,) of the prepared rows `ids` (N,) in `column` of attributes.csv's frame, None without it."""
+    if column not in attrs.columns:
         return None
-    return torch.from_numpy(attrs.set_index("id").loc[ids.numpy(), "label"].to_numpy(dtype=np.int64).copy())
-
-
-# ---- few-shot conditional generation (D2C protocol) -------------------------------------------------------------
-
-
-def fit_fewshot(pos: Tensor, unlabelled: Tensor, c: float = 0.01, seed: int = 0):
-    """Logistic regression positives (K, z_dim) vs unlabelled (M, z_dim) on normalised codes, classes balanced."""
-    from sklearn.linear_model import LogisticRegression
-
-    x = torch.cat([pos, unlabelled]).double().numpy()
-    y = np.r_[np.ones(len(pos)), np.zeros(len(unlabelled))]
-    return LogisticRegression(C=c, class_weight="balanced", max_iter=2000, random_state=seed).fit(x, y)
-
-
-def rejection_select(scores: Tensor, n: int, threshold: float | None = None) -> tuple[Tensor, float]:
-    """Rejection sampling over a pool of draws (the cap on draws): indices (n,) of the kept draws, acceptance rate.
-
-    scores (M,) = p(target | z) of the M draws. threshold None: keep the n best-scoring draws (acceptance n / M, the
-    threshold is the n-th best score). A float: keep the first n draws with score >= threshold in draw order; when
-    fewer pass, fill up with the best-scoring rejected draws.
-    """
-    if threshold is None:
-        return scores.argsort(descending=True, stable=True)[:n], min(n, len(scores)) / max(len(scores), 1)
-    accepted = torch.nonzero(scores >= threshold).flatten()
-    keep = accepted[:n]
-    if len(keep) < n:
-        rejected = torch.nonzero(scores < threshold).flatten()
-        best = rejected[scores[rejected].argsort(descending=True)]
-        keep = torch.cat([keep, best[: n - len(keep)]])
-    return keep, len(accepted) / max(len(scores), 1)
-
-
-def fewshot_positives(labels: Tensor, target: int, k: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Indices of k random labelled positives of class `target` (from labels (N,)) and of the unlabelled rest."""
-    cls = torch.nonzero(labels == target).flatten()
-    if len(cls) < k:
-        raise PdaeError(f"few-shot: class {target} has {len(cls)} training examples, fewer than K = {k}.")
-    pos = cls[torch.randperm(len(cls), generator=generator)[:k]]
-    mask = torch.ones(len(labels), dtype=torch.bool)
-    mask[pos] = False
-    return pos, torch.nonzero(mask).flatten()
-
-
-def fewshot_codes(
-    dpm: LatentDPM, train_z: Tensor, labels: Tensor, pool: Tensor, target: int, k: int, n: int,
-    threshold: float | None = None, c: float = 0.01, seed: int = 0,
-) -> tuple[Tensor, float]:  # fmt: skip
-    """Raw codes (n, z_dim) for class `target` from K labelled train codes: fit, score the pool (raw latent-DPM draws
-    (M, z_dim)), reject. Returns (codes, acceptance rate)."""
-    gen = torch.Generator().manual_seed(seed * 1000 + target * 37 + k)
-    pos, rest = fewshot_positives(labels, target, k, gen)
-    zn = dpm.normalise(train_z).cpu()
-    clf = fit_fewshot(zn[pos], zn[rest], c, seed)
-    scores = torch.from_numpy(clf.predict_proba(dpm.normalise(pool).cpu().double().numpy())[:, 1])
-    idx, rate = rejection_select(scores, n, threshold)
-    return pool[idx], rate
+    return torch.from_numpy(attrs.set_index("id").loc[ids.numpy(), column].to_numpy(dtype=np.int64).copy())
 
 
 # ---- class-conditional G ----------------------------------------------------------------------------------------
@@ -329,13 +273,15 @@ def _verdict(result: str, a: str, b: str) -> str:
 
 def uncond_study(
     dpm: LatentDPM, model, schedule: Schedule, test_z: Tensor, cfg: LatentConfig, gen: torch.Generator, scorer=None,
-    test_x: Tensor | None = None,
+    test_x: Tensor | None = None, val_z: Tensor | None = None, val_x: Tensor | None = None, keep: dict | None = None,
 ) -> tuple[dict[str, Any], dict[str, Figure]]:  # fmt: skip
     """Unconditional generation: latent DPM + PDAE decoding vs the bare DPM, and the clamp study.
 
-    Every setting uses the same z_T noise and x_T (paired). Latent FD (normalised z vs the test codes) is measured for
-    all four clamp settings on cfg.n_samples draws; image metrics (label-classifier FD vs `test_x`, class entropy)
-    for the configured setting and the bare DPM on cfg.n_samples, and for "none" vs "both" on cfg.study_samples.
+    Every setting uses the same z_T noise and x_T (paired). The clamp study is a choice of a setting, so it compares
+    with the validation codes / images (val_z, val_x; the test ones when not given): latent FD (normalised z) for all
+    four clamp settings on cfg.n_samples draws, image FD and class entropy for "none" vs "both" on
+    cfg.study_samples. The reported figures of the configured setting and the bare DPM (cfg.n_samples each; FD vs
+    `test_x`, class entropy) use the test split. `keep`, when given, receives the bare DPM's samples as keep["bare"].
     Returns (metrics, figures "samples" (48 latent-DPM samples over 48 bare-DPM samples from the same x_T) and
     "clamp" (a row of unclamped over a row of clamped samples, paired by column; only when study_samples > 0)).
     """
@@ -351,13 +297,14 @@ def uncond_study(
         k: sample_latents(dpm, n, cfg.latent_steps, *v, noise=noise, solver=cfg.latent_solver)
         for k, v in CLAMPS.items()
     }
-    study: dict[str, Any] = {k: {"latent_fd": latent_fd(z, test_z, dpm)} for k, z in codes.items()}
+    ref_z, ref_x = (test_z, test_x) if val_z is None or len(val_z) < 2 else (val_z, val_x)
+    study: dict[str, Any] = {k: {"latent_fd": latent_fd(z, ref_z, dpm)} for k, z in codes.items()}
     images = {"latent": decode_codes(model, codes[chosen], x_T, schedule, cfg)}
     images["bare"] = bare_samples(model.backbone, x_T, schedule, cfg.steps, cfg.eval_batch_size, cfg.solver)
     for k in ("none", "both") if ns > 0 else ():
         imgs = images["latent"][:ns] if k == chosen else decode_codes(model, codes[k][:ns], x_T[:ns], schedule, cfg)
         images[k] = imgs
-    metrics: dict[str, Any] = {"uncond_latent_fd": study[chosen]["latent_fd"], "clamp": chosen}
+    metrics: dict[str, Any] = {"uncond_latent_fd": latent_fd(codes[chosen], test_z, dpm), "clamp": chosen}
     if scorer is not None and test_x is not None:
         fds = {}
         for key, imgs in (("uncond", images["latent"]), ("baseline_uncond", images["bare"])):
@@ -375,58 +322,23 @@ def uncond_study(
             compare(fds["uncond"], fds["baseline_uncond"]), "latent DPM", "bare DPM"
         )
         for k in ("none", "both"):
-            if ns >= 2:
-                fd = fds[k] = classifier_fd_interval(scorer, images[k], test_x)
+            if ns >= 2 and ref_x is not None:
+                fd = fds[k] = classifier_fd_interval(scorer, images[k], ref_x)
                 study[k].update(fd=fd["value"], fd_low=fd["low"], fd_high=fd["high"])
                 study[k]["class_entropy"] = class_scores(scorer, images[k])["class_entropy"]
-        if ns >= 2:
+        if ns >= 2 and ref_x is not None:
             study["none_vs_both_fd"] = _verdict(compare(fds["none"], fds["both"]), "none", "both")
-    metrics["clamp_study"] = {"samples": ns, "latent_samples": n, **study}
+    reference = "test" if ref_z is test_z else "validation"
+    best = min(CLAMPS, key=lambda k: study[k]["latent_fd"])
+    metrics["clamp_study"] = {"samples": ns, "latent_samples": n, "reference": reference, "best_latent_fd": best}
+    metrics["clamp_study"].update(study)
+    if keep is not None:
+        keep["bare"] = images["bare"]
     metrics["uncond_cpu_seconds"] = round(time.process_time() - start, 1)
     figures = {"samples": (torch.cat([images["latent"][:48], images["bare"][:48]]), 16)}
     if ns > 0:  # top row unclamped, bottom row clamped, same z_T and x_T per column
         figures["clamp"] = (torch.cat([images["none"][:16], images["both"][:16]]), min(ns, 16))
     return metrics, figures
-
-
-def fewshot_study(
-    dpm: LatentDPM, model, schedule: Schedule, train_z: Tensor, labels: Tensor, cfg: LatentConfig,
-    gen: torch.Generator, scorer, seed: int = 0,
-) -> tuple[dict[str, Any], dict[str, Figure]]:  # fmt: skip
-    """Few-shot generation per K in cfg.fewshot_k for every class of `labels` (N,) (aligned with train_z (N, z_dim)).
-
-    One pool of cfg.fewshot_draws latent-DPM draws is the cap on draws. Returns ({"fewshot_precision": {K: mean over
-    classes}, "fewshot_acceptance": {K: ...}}, figures "fewshot_K<K>": one row of images per class).
-    """
-    from pdae.scoring import agreement
-
-    start, classes = time.process_time(), sorted(int(c) for c in torch.unique(labels))
-    pool = sample_latents(
-        dpm,
-        cfg.fewshot_draws,
-        cfg.latent_steps,
-        cfg.clip_noise,
-        cfg.clip_x0,
-        gen,
-        cfg.eval_batch_size,
-        solver=cfg.latent_solver,
-    )
-    size, m = model.backbone.image_size, cfg.fewshot_samples
-    precision, acceptance, grids = {}, {}, {}
-    for k in cfg.fewshot_k:
-        picked = [
-            fewshot_codes(dpm, train_z, labels, pool, c, k, m, cfg.fewshot_threshold, cfg.fewshot_c, seed)
-            for c in classes
-        ]
-        z = torch.cat([p[0] for p in picked])
-        x_T = torch.randn(len(z), model.backbone.in_channels, size, size, generator=gen)
-        imgs = decode_codes(model, z, x_T, schedule, cfg)
-        precision[k] = agreement(scorer, imgs, torch.tensor(classes).repeat_interleave(m))  # classes equally sized
-        acceptance[k] = float(np.mean([p[1] for p in picked]))
-        grids[f"fewshot_K{k}"] = (imgs, m)
-    seconds = round(time.process_time() - start, 1)
-    metrics = {"fewshot_precision": precision, "fewshot_acceptance": acceptance, "fewshot_draws": len(pool)}
-    return {**metrics, "fewshot_samples": m, "fewshot_cpu_seconds": seconds}, grids
 
 
 def classcond_study(

@@ -322,7 +322,8 @@ def classify_report(table: pd.DataFrame, metrics: dict) -> str:
     if metrics.get("direction_auroc_mean_z") is not None:
         lines += [
             "Edit directions (models/classifier) are the unit normals of probes on z with a stronger L2 penalty"
-            f" (`classify.direction_c`); their mean test AUROC is {_fmt(metrics['direction_auroc_mean_z'])}.",
+            f" (`classify.direction_c` = {_fmt(metrics.get('direction_c'))}, {_direction_choice(metrics)}); their"
+            f" mean test AUROC is {_fmt(metrics['direction_auroc_mean_z'])}.",
             "",
         ]
     if metrics.get("manipulation_success") is not None:
@@ -333,6 +334,11 @@ def classify_report(table: pd.DataFrame, metrics: dict) -> str:
             "",
         ]
     return "\n".join(lines)
+
+
+def _direction_choice(metrics: dict) -> str:
+    why = (metrics.get("direction_c_selection") or {}).get("why")
+    return f"not selected: {why}" if why else "chosen by manipulation success on validation images"
 
 
 def _fmt(value: object) -> str:

@@ -18,6 +18,18 @@ def load_scorer(prepared_dir: str | Path):
     return load_label_classifier(folder) if folder.is_dir() else None
 
 
+def train_scorer(images: Tensor, labels: Tensor, epochs: int, seed: int, device, out_dir: str | Path):
+    """Train and save (into `out_dir`) an image classifier on images (N, C, S, S) in [-1, 1] and classes (N,) — the
+    independent scorer of a condition column other than `label` (same network and recipe as the label classifier)."""
+    from pdae.config import PrepareConfig
+    from pdae.data.classifier import save_label_classifier, train_label_classifier
+
+    cfg = PrepareConfig(classifier_epochs=epochs)
+    model = train_label_classifier(images, labels, cfg, seed, progress=False, device=device)
+    save_label_classifier(model, out_dir)
+    return model
+
+
 @torch.no_grad()
 def class_scores(scorer, images: Tensor) -> dict[str, float]:
     """Share of images classified with probability >= 0.9 and the normalised entropy of predicted classes."""

@@ -10,7 +10,7 @@ import torch
 
 from pdae import edit, probes
 from pdae.autoencode import load_models
-from pdae.data import binary_attribute_names, load_attributes, load_split
+from pdae.data import binary_attribute_names, load_attributes, load_split, load_validation_ids, validation_mask
 from pdae.io import save_figure, write_csv, write_text
 from pdae.scoring import load_scorer
 from pdae.stage import stage_main
@@ -22,9 +22,10 @@ def body(cfg, run) -> dict:
     c, seed = cfg["classify"], cfg["base"].seed
     model, schedule = load_models("models/baseline", "models/pdae", cfg["device"])
     frame, norm = load_attributes(PREPARED), probes.Normaliser.from_stats(LATENTS / "stats.safetensors")
-    names, split = binary_attribute_names(frame), {}
+    names, split, train_ids = binary_attribute_names(frame), {}, None
     for s in ("train", "test"):
         x, ids = load_split(PREPARED, s)
+        train_ids = ids if s == "train" else train_ids
         z = norm.normalise(probes.load_codes(LATENTS / f"{s}.safetensors", ids))
         x_T = probes.dpm_inversion(model.backbone, x, schedule, c.xT_steps, c.batch_size, progress=True)
         split[s] = (x, frame.iloc[ids.numpy()].reset_index(drop=True), {"z": z, "pixels": x, "xT": x_T})
@@ -32,19 +33,25 @@ def body(cfg, run) -> dict:
     feats = {k: v if k == "z" else probes.standardise(*v) for k, v in feats.items()}
     train_rows, test_rows = split["train"][1], split["test"][1]
     table, metrics, _ = probes.probe_suite(feats, train_rows, test_rows, names, c.probe_c, c.max_iter)
-    # Edit directions: normals of more strongly regularised probes on z (closer to the class-mean difference).
-    (ztr, zte), cd = feats["z"], c.direction_c
+    # Edit directions: normals of more strongly regularised probes on z (closer to the class-mean difference), the
+    # strength chosen on the validation split (a subset of train; the test split is not looked at for it).
+    scorer, class_attrs = load_scorer(PREPARED), probes.class_attributes(frame, names)
+    val = validation_mask(train_ids, load_validation_ids(PREPARED))
+    selection = choose_direction_c(c, model, schedule, scorer, class_attrs, split["train"][0], train_rows, feats, val,
+                                   norm, seed)  # fmt: skip
+    (ztr, zte), cd = feats["z"], selection["selected"]
+    metrics.update(direction_c=cd, direction_c_selection=selection, n_validation=int(val.sum()))
     edit_probes = probes.attribute_probes(ztr, train_rows, zte, test_rows, names, cd, c.max_iter)
     directions = probes.AttributeDirections.from_probes(edit_probes, norm)
     metrics["direction_auroc_mean_z"] = dir_auroc = probes.mean_auroc({n: a for n, (_, a) in edit_probes.items()})
-    directions.save(OUT, extra={"direction_c": c.direction_c, "direction_auroc_mean_z": dir_auroc})
+    directions.save(OUT, extra={"direction_c": cd, "direction_auroc_mean_z": dir_auroc})
     metrics.update(xT_probe_steps=c.xT_steps, n_train=len(train_rows), n_test=len(test_rows))
     # Manipulation and interpolation on a class-balanced test subset.
     test_x = split["test"][0]
     labels = torch.tensor(test_rows["label"].to_numpy()) if "label" in test_rows else None
     sub = edit.balanced_subset(labels, c.manipulation_images, seed, len(test_x))
     x, lab = test_x[sub], None if labels is None else labels[sub]
-    scorer, class_attrs = load_scorer(PREPARED), probes.class_attributes(frame, directions.names)
+    class_attrs = {k: v for k, v in class_attrs.items() if v in directions.names}
     scale = max(c.scales)
     metrics.update(manipulation_scale=scale, manipulation_steps=c.steps, manipulation_images=len(sub))
     if scorer is not None and class_attrs and lab is not None:
@@ -68,6 +75,33 @@ def body(cfg, run) -> dict:
     for path in (REPORTS / "classify.md", REPORTS / "classify.csv"):
         run.log_artifact(path, "reports")
     return metrics
+
+
+def choose_direction_c(c, model, schedule, scorer, class_attrs, train_x, train_rows, feats, val, norm, seed) -> dict:
+    """classify.direction_c: one value is used as given; several are compared by manipulation success on up to
+    c.selection_images class-balanced validation images, with probes fitted on the train rows outside validation."""
+    cands = list(c.direction_c)
+    labels = torch.tensor(train_rows["label"].to_numpy()) if "label" in train_rows else None
+    why = None
+    if len(cands) == 1:
+        why = "one candidate"
+    elif scorer is None or not class_attrs or labels is None:
+        why = "no label classifier or class attributes to score manipulations"
+    elif int(val.sum()) < 2 or len(torch.unique(labels[val])) < 2:
+        why = "validation split too small"
+    if why is not None:
+        return {"candidates": cands, "selected": cands[0], "why": why}
+    ztr, keep, wanted = feats["z"][0], (~val).numpy(), sorted(set(class_attrs.values()))
+    fit_rows, val_rows = train_rows[keep].reset_index(drop=True), train_rows[val.numpy()].reset_index(drop=True)
+
+    def fit(cd: float) -> probes.AttributeDirections:
+        found = probes.attribute_probes(ztr[~val], fit_rows, ztr[val], val_rows, wanted, cd, c.max_iter)
+        return probes.AttributeDirections.from_probes(found, norm)
+
+    sub = edit.balanced_subset(labels[val], c.selection_images, seed)
+    images, lab = train_x[val][sub], labels[val][sub]
+    return edit.select_direction_c(model, schedule, scorer, images, lab, fit, cands, class_attrs, max(c.scales),
+                                   c.steps, c.batch_size)  # fmt: skip
 
 
 if __name__ == "__main__":

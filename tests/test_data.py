@@ -19,10 +19,12 @@ from pdae.data import (
     load_attributes,
     load_raw_dataset,
     load_split,
+    load_validation_ids,
     open_image_dataset,
     prepare_dataset,
     read_attribute_table,
     split_indices,
+    validation_mask,
 )
 from pdae.data.embedded import load_digits_data, make_shapes_data
 from pdae.errors import PdaeError
@@ -69,9 +71,9 @@ def _celeba(path: Path, n: int = 6, count: int | None = None, names: str = "Eyeg
     return path
 
 
-def _prepare(tmp_path: Path, dataset: str = "folder", size: int = 8, **prepare) -> tuple[dict, Path]:
+def _prepare(tmp_path: Path, dataset: str = "folder", size: int = 8, seed: int = 0, **prepare) -> tuple[dict, Path]:
     out = tmp_path / "out" / "prepared"
-    base = BaseConfig(dataset=dataset, image_size=size, device="cpu")
+    base = BaseConfig(dataset=dataset, image_size=size, device="cpu", seed=seed)
     metrics = prepare_dataset(base, PrepareConfig(**prepare), out, progress=False)
     return metrics, out
 
@@ -92,6 +94,28 @@ def test_split_is_stratified_seeded_and_disjoint() -> None:
     assert np.abs(frac - 0.2).max() < 0.02
     again = split_indices(len(labels), labels, 0.2, seed=0)
     assert np.array_equal(again[1], test) and not np.array_equal(split_indices(1797, labels, 0.2, 1)[1], test)
+
+
+def test_validation_split_is_a_seeded_stratified_subset_of_train(tmp_path: Path) -> None:
+    metrics, out = _prepare(tmp_path, dataset="digits", size=8, **NO_CLF)
+    _, train_ids = load_split(out, "train")
+    _, test_ids = load_split(out, "test")
+    val = load_validation_ids(out)
+    assert metrics["n_validation"] == len(val) == round(0.1 * metrics["n_train"])
+    mask = validation_mask(train_ids, val)
+    assert int(mask.sum()) == len(val) and not torch.isin(val, test_ids).any()  # ids into train, never test
+    labels = load_attributes(out)["label"].to_numpy()
+    frac = np.bincount(labels[val.numpy()], minlength=10) / np.bincount(labels[train_ids.numpy()], minlength=10)
+    assert np.abs(frac - 0.1).max() < 0.02
+    _, again = _prepare(tmp_path / "again", dataset="digits", size=8, **NO_CLF)
+    assert torch.equal(load_validation_ids(again), val)
+    _, other = _prepare(tmp_path / "seed1", dataset="digits", size=8, seed=1, **NO_CLF)
+    assert not torch.equal(load_validation_ids(other), val)
+    _, none = _prepare(tmp_path / "none", dataset="digits", size=8, validation_fraction=0.0, **NO_CLF)
+    assert len(load_validation_ids(none)) == 0
+    (out / "validation.json").unlink()
+    with pytest.raises(PdaeError, match="re-run the prepare stage"):
+        load_validation_ids(out)
 
 
 def test_prepare_digits_layout_and_determinism(tmp_path: Path) -> None:
@@ -170,6 +194,21 @@ def test_folder_greyscale_without_table_and_streaming(tmp_path: Path) -> None:
     ds = ImageFileDataset(files, image_size=8, channels=3)
     x, i = ds[1]
     assert x.shape == (3, 8, 8) and i == 1 and torch.equal(x[0], x[2])  # greyscale source -> equal channels
+
+
+def test_all_greyscale_folder_stays_single_channel(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "grey"
+    folder.mkdir()
+    for i in range(4):
+        (folder / f"{i}.png").write_bytes(_png(rng, (10, 10), "L"))
+    metrics, out = _prepare(tmp_path, folder=str(folder), **NO_CLF)
+    assert metrics["channels"] == 1 and load_split(out, "train")[0].shape[1] == 1
+    (folder / "4.png").write_bytes(_png(rng, (10, 10), "RGB"))  # one colour image: the set is RGB
+    metrics, _ = _prepare(tmp_path / "mixed", folder=str(folder), **NO_CLF)
+    assert metrics["channels"] == 3
+    metrics, _ = _prepare(tmp_path / "forced", folder=str(folder), channels=3, **NO_CLF)
+    assert metrics["channels"] == 3
 
 
 def test_extra_table_rows_are_ignored_and_counted(tmp_path: Path) -> None:

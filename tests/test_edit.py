@@ -142,7 +142,7 @@ def test_classify_stage_on_tiny_project(tiny_project, monkeypatch):
     (tiny_project / "params.yaml").write_text(
         "base:\n  image_size: 8\n  threads: 1\n  device: cpu\n"
         "classify:\n  xT_steps: 2\n  steps: 2\n  scales: [0.0, 1.0]\n  manipulation_images: 20\n"
-        "  figure_images: 3\n  interpolate_pairs: 2\n  interpolate_frames: 3\n"
+        "  figure_images: 3\n  interpolate_pairs: 2\n  interpolate_frames: 3\n  selection_images: 10\n"
     )
     run = _RecordingRun()
     monkeypatch.setattr("pdae.stage.stage_run", lambda name, params=None: contextlib.nullcontext(run))
@@ -157,6 +157,12 @@ def test_classify_stage_on_tiny_project(tiny_project, monkeypatch):
     assert 0 <= metrics["manipulation_success"] <= 1 and metrics["manipulation_scale"] == 1.0
     assert metrics["xT_probe_steps"] == 2 and metrics["manipulation_images"] == 20
     assert 0 <= metrics["direction_auroc_mean_z"] <= 1
+    sel = metrics["direction_c_selection"]  # chosen on validation images (train split), never on the test split
+    assert sel["candidates"] == [0.01, 0.1, 1.0] and sel["validation_images"] == 10 and metrics["n_validation"] > 0
+    scores = sel["validation_manipulation_success"]
+    assert len(scores) == 3 and all(0 <= v <= 1 for v in scores)
+    assert metrics["direction_c"] == sel["selected"] == sel["candidates"][scores.index(max(scores))]
+    assert json.loads((tiny_project / "models/classifier/config.json").read_text())["direction_c"] == sel["selected"]
     dirs = AttributeDirections.load(tiny_project / "models/classifier")
     assert dirs.names == [f"digit_{k}" for k in range(10)] and dirs.directions.shape == (10, 8)
     assert torch.allclose(dirs.directions.norm(dim=1), torch.ones(10), atol=1e-5)

@@ -11,19 +11,27 @@ import pytest
 import torch
 
 from pdae.config import BaseConfig, LatentConfig
+from pdae.data import load_split
 from pdae.diffusion import Schedule
 from pdae.errors import PdaeError
+from pdae.fewshot import (
+    accepted_f1,
+    accepted_precision,
+    class_probs,
+    fewshot_study,
+    labelled_examples,
+    select_c,
+    threshold_select,
+    topk_select,
+)
 from pdae.latent import (
     LatentDPM,
     bare_samples,
     classcond_sample,
     classcond_study,
-    fewshot_codes,
-    fewshot_study,
     labels_for,
     latent_ddim,
     load_latent,
-    rejection_select,
     sample_latents,
     save_latent,
     train_classcond,
@@ -112,32 +120,47 @@ def test_clamping_in_normalised_space():
 # --- few-shot -------------------------------------------------------------------------------------------------------
 
 
-def test_rejection_select_order_and_fill():
+def test_threshold_and_topk_selection():
     scores = torch.tensor([0.1, 0.9, 0.2, 0.7, 0.95, 0.3])
-    idx, rate = rejection_select(scores, 2, threshold=0.5)
-    assert idx.tolist() == [1, 3] and rate == 0.5  # first accepted draws, in draw order
-    idx, _ = rejection_select(scores, 5, threshold=0.5)
-    assert idx.tolist() == [1, 3, 4, 5, 2]  # then the best rejected ones
-    idx, rate = rejection_select(scores, 2)  # no threshold: the best-scoring draws
-    assert idx.tolist() == [4, 1] and rate == 2 / 6
+    assert threshold_select(scores, 2, 0.5).tolist() == [1, 3]  # first accepted draws, in draw order
+    assert threshold_select(scores, 5, 0.5).tolist() == [1, 3, 4]  # never filled up with rejected draws
+    assert topk_select(scores, 2).tolist() == [4, 1]
+    probs = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])
+    assert accepted_precision(probs, torch.tensor([0, 1, 1, 1]), [0, 1], 0.65) == (0.5 + 1.0) / 2
+    assert accepted_precision(probs, torch.tensor([0, 1, 1, 1]), [0, 1], 0.95) is None
+    # class 0: accepted {0, 1}, positives {0} -> F1 2/3; class 1: accepted {2}, positives {1, 2, 3} -> F1 2/4
+    assert accepted_f1(probs, torch.tensor([0, 1, 1, 1]), [0, 1], 0.65) == pytest.approx((2 / 3 + 0.5) / 2)
+    assert accepted_f1(probs, torch.tensor([0, 1, 1, 1]), [0, 1], 0.95) == 0.0
 
 
-def test_fewshot_codes_pick_the_target_cluster():
+def test_inception_features_without_weights_is_one_clear_error(monkeypatch):
+    from pdae.fewshot import feature_fn
+
+    monkeypatch.setattr(
+        "pdae.metrics.inception.inception_extractor", lambda weights="auto": (None, "no weights cached")
+    )
+    with pytest.raises(PdaeError, match="no weights cached.*fewshot_features: classifier"):
+        feature_fn("inception", None)(torch.zeros(2, 1, 8, 8))
+
+
+def test_labelled_examples_and_c_selection_on_validation():
     gen = torch.Generator().manual_seed(0)
     centres = 4 * torch.eye(3, 6)
     labels = torch.arange(3).repeat(100)
-    train_z = centres[labels] + torch.randn(300, 6, generator=gen)
-    pool_labels = torch.randint(0, 3, (600,), generator=gen)
-    pool = centres[pool_labels] + torch.randn(600, 6, generator=gen)
-    dpm = _dpm(6)
-    dpm.mean, dpm.std = train_z.mean(0), train_z.std(0)
-    for k, threshold in ((1, 0.5), (5, 0.5), (1, None), (5, None)):
-        codes, rate = fewshot_codes(dpm, train_z, labels, pool, target=2, k=k, n=30, threshold=threshold)
-        nearest = torch.cdist(codes, centres).argmin(1)
-        assert (nearest == 2).double().mean() >= 0.9 and 0 < rate < 1
-        assert threshold is not None or rate == 30 / 600
-    with pytest.raises(PdaeError, match="fewer than K"):
-        fewshot_codes(dpm, train_z, labels, pool, target=2, k=101, n=3)
+    z = centres[labels] + torch.randn(300, 6, generator=gen)
+    val = torch.zeros(300, dtype=torch.bool)
+    val[:60] = True
+    lab = labelled_examples(labels, 5, ~val, torch.Generator().manual_seed(1))
+    assert len(lab) == 15 and not val[lab].any() and labels[lab].tolist() == [0] * 5 + [1] * 5 + [2] * 5
+    # an absurdly strong penalty (C = 1e-6) gives flat probabilities that accept nothing at 0.5: never selected
+    clf, rec = select_c(z[lab], labels[lab], z[val], labels[val], [1e-6, 1.0], 0.5, 0)
+    assert rec["selected"] == 1.0 and rec["validation_precision"][0] is None and rec["validation_precision"][1] > 0.9
+    assert rec["validation_f1"][0] == 0.0 and rec["validation_f1"][1] > 0.9
+    assert (class_probs(clf, centres).argmax(1) == torch.arange(3)).all()
+    _, rec = select_c(z[lab], labels[lab], z[:0], labels[:0], [0.1, 1.0], 0.5, 0)
+    assert rec["selected"] == 0.1 and rec["why"] == "empty validation split"
+    with pytest.raises(PdaeError, match="fewer than K = 101"):
+        labelled_examples(labels, 101, ~val, gen)
 
 
 def _tiny_models(root: Path):
@@ -150,27 +173,44 @@ def _tiny_models(root: Path):
 
 
 def test_fewshot_end_to_end_on_tiny_project(tiny_project):
-    from pdae.data import load_attributes
+    from pdae.data import load_attributes, load_split, load_validation_ids, validation_mask
     from pdae.scoring import load_scorer
 
+    prepared = tiny_project / "data/prepared"
     model, schedule, lat = _tiny_models(tiny_project)
-    cfg = LatentConfig(**TINY, images=64 * 3, fewshot_k=[1, 3], fewshot_samples=2, fewshot_draws=100)
+    cfg = LatentConfig(**TINY, images=64 * 3, fewshot_k=[1, 3], fewshot_samples=5, fewshot_draws=100, fewshot_boot=20,
+                       fewshot_real=20)  # fmt: skip
     dpm, _ = train_latent(lat["train"]["z"], lat["stats"]["mean"], lat["stats"]["std"], cfg, 0, torch.device("cpu"),
                           progress=False)  # fmt: skip
-    labels = labels_for(load_attributes(tiny_project / "data/prepared"), lat["train"]["ids"])
-    scorer = load_scorer(tiny_project / "data/prepared")
-    metrics, grids = fewshot_study(dpm, model, schedule, lat["train"]["z"], labels, cfg, torch.Generator(), scorer)
-    assert set(metrics["fewshot_precision"]) == {1, 3} and metrics["fewshot_draws"] == 100
-    assert all(0 <= v <= 1 for v in [*metrics["fewshot_precision"].values(), *metrics["fewshot_acceptance"].values()])
-    images, nrow = grids["fewshot_K3"]
-    assert images.shape == (10 * 2, 1, 8, 8) and nrow == 2 and images.abs().max() <= 1
+    x, ids = load_split(prepared, "train")
+    labels = labels_for(load_attributes(prepared), ids)
+    val = validation_mask(ids, load_validation_ids(prepared))
+    bare = x[:40]  # stands in for the bare DPM's samples: the baseline's wiring, not its quality, is tested here
+    scorer = load_scorer(prepared)
+    m, grids = fewshot_study(dpm, model, schedule, lat["train"]["z"], x, labels, val, cfg, torch.Generator(), scorer,
+                             bare=bare)  # fmt: skip
+    assert set(m["K"]) == {1, 3} and m["draws"] == 100 and m["threshold"] == 0.5 and m["protocol"].startswith("d2c")
+    assert m["validation_rows"] == int(val.sum()) > 0 and m["K"][3]["labelled"] == 30
+    assert m["features"] == "classifier" and set(m["n_real"].values()) == {20}  # capped real set per class
+    for entry in m["K"].values():
+        assert entry["c_selection"]["candidates"] == [0.01, 0.1, 1.0] and len(entry["per_class"]) == 10
+        for row in entry["per_class"].values():
+            assert 0 <= row["acceptance_rate"] <= 1 and row["n_accepted"] <= 5
+            assert row["topk_precision"] in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # five top-k images per class
+            assert (row["fd"] is None) == (row["n_accepted"] < 5)
+            if row["fd"] is not None:
+                assert row["fd"]["low"] <= row["fd"]["high"] and row["kid"]["n_boot"] == 20
+        assert any(r["fd"] is not None for r in entry["per_class"].values())
+        base = entry["baseline"]
+        assert base["draws"] == 40 and 0 <= base["acceptance_rate"] <= 1
+    images, nrow = grids["K3"]
+    assert images.shape == (10 * 5, 1, 8, 8) and nrow == 5 and images.abs().max() <= 1
 
 
 # --- class-conditional G ---------------------------------------------------------------------------------------------
 
 
 def test_classcond_shapes_and_zero_scale_is_bare_dpm(tiny_project):
-    from pdae.data import load_split
     from pdae.scoring import load_scorer
 
     model, schedule, _ = _tiny_models(tiny_project)
@@ -238,7 +278,12 @@ def test_latent_stage_on_tiny_project(tiny_project, monkeypatch):
     m, run = _run_stage(tiny_project, monkeypatch)
     for key in ("uncond_fd", "baseline_uncond_fd", "real_fd", "uncond_class_entropy", "uncond_latent_fd"):
         assert m[key] is not None and m[key] >= 0, key
-    assert set(m["fewshot_precision"]) == {"1", "2"} and set(m["classcond_precision"]) == {"0.0", "1.0"}
+    few = m["fewshot"]["label"]
+    assert m["fewshot_conditions"] == ["label"] and set(few["K"]) == {"1", "2"} and "baseline" in few["K"]["1"]
+    assert set(m["classcond_precision"]) == {"0.0", "1.0"} and m["classcond_condition"] == "label"
+    assert m["clamp_study"]["reference"] == "validation" and m["n_validation"] > 0
+    fds = {k: m["clamp_study"][k]["latent_fd"] for k in ("none", "noise", "x0", "both")}
+    assert m["selection"]["clamp"]["lowest_latent_fd"] == min(fds, key=fds.get)
     assert set(m["clamp_study"]) >= {"none", "noise", "x0", "both"} and m["n_samples"] == 24
     for res, key in ((m, "uncond_fd"), (m, "baseline_uncond_fd"), (m["clamp_study"]["none"], "fd")):
         assert res[f"{key}_low"] <= res[key] <= res[f"{key}_high"], key
@@ -246,19 +291,70 @@ def test_latent_stage_on_tiny_project(tiny_project, monkeypatch):
     assert m["uncond_vs_baseline_fd"] in verdicts
     assert m["clamp_study"]["none_vs_both_fd"] in {"none lower", "both lower", "no difference at this size"}
     assert load_latent(tiny_project / "models/latent").mlp.config["width"] == 16
-    assert {"samples.png", "clamp.png", "fewshot_K1.png", "fewshot_K2.png", "classcond.png"} <= set(run.artifacts)
+    assert {"samples.png", "clamp.png", "fewshot_label_K1.png", "fewshot_label_K2.png", "classcond.png"} <= set(
+        run.artifacts
+    )
     assert not list((tiny_project / "checkpoints/latent").glob("*.safetensors"))
 
 
-def test_latent_stage_without_labels_skips_label_metrics(tiny_project, monkeypatch):
+def test_latent_stage_on_attribute_only_folder(tmp_path, monkeypatch):
+    """A user folder of greyscale images whose table has only binary attributes: few-shot per attribute, class-cond G
+    on the first one, sample FD by attribute scorers trained in the stage."""
+    from tests.tiny import build_attribute_folder_project
+
+    root = build_attribute_folder_project(tmp_path / "folder_project")
+    prepared = root / "data/prepared"
+    assert load_split(prepared, "train")[0].shape[1] == 1 and not (prepared / "label_classifier").exists()
+    extra = "  fewshot_attributes: [odd, round]\n  scorer_epochs: 2\n  fewshot_boot: 10\n"
+    m, run = _run_stage(root, monkeypatch, extra=extra)
+    assert m["fewshot_conditions"] == ["odd", "round"] and m["classcond_condition"] == "odd"
+    for col in ("odd", "round"):
+        few = m["fewshot"][col]
+        assert (
+            few["classes"] == [0, 1] and set(few["K"]) == {"1", "2"} and m["scorers"][col]["source"] == "latent stage"
+        )
+        assert 0 <= few["K"]["2"]["acceptance_rate"] <= 1 and "baseline" in few["K"]["2"]
+    assert set(m["classcond_precision"]) == {"0.0", "1.0"} and m["uncond_fd"] >= 0 and m["real_fd"] >= 0
+    assert {"fewshot_odd_K1.png", "fewshot_round_K2.png", "classcond.png"} <= set(run.artifacts)
+    assert (root / "models/latent/scorers/round/model.safetensors").is_file()
+
+
+def test_latent_stage_without_conditions_skips_label_metrics(tiny_project, monkeypatch):
     import shutil
 
     import pandas as pd
 
     attrs = tiny_project / "data/prepared/attributes.csv"
-    pd.read_csv(attrs).drop(columns=["label"]).to_csv(attrs, index=False)
+    frame = pd.read_csv(attrs)
+    frame[["id", "split"]].to_csv(attrs, index=False)
     shutil.rmtree(tiny_project / "data/prepared/label_classifier")
     m, run = _run_stage(tiny_project, monkeypatch, extra="  study_samples: 0\n")
-    assert m["label_metrics"].startswith("skipped") and "fewshot_precision" not in m and "uncond_fd" not in m
+    assert m["label_metrics"].startswith("skipped") and "fewshot" not in m and "uncond_fd" not in m
     assert m["uncond_latent_fd"] >= 0 and m["clamp_study"]["samples"] == 0
     assert "samples.png" in run.artifacts and "clamp.png" not in run.artifacts
+
+
+def test_shift_fraction_benchmark_scores_validation_rows(tiny_project):
+    from benchmarks.shift_fraction import measure
+    from pdae.data import load_validation_ids
+
+    res = measure(tiny_project, [0.0, 1.0], steps=2)
+    assert res["split"] == "validation" and res["n_validation"] == len(
+        load_validation_ids(tiny_project / "data/prepared")
+    )
+    agree = [r["class_agreement"] for r in res["rows"]]
+    assert all(0 <= a <= 1 for a in agree) and res["selected"] == [0.0, 1.0][agree.index(max(agree))]
+    assert all(r["fd"] >= 0 for r in res["rows"])
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [("  fewshot_attributes: [nope]\n", "'nope' is not a label or attribute column"),
+     ("  fewshot_k: [500]\n", "fewer than K = 500")],
+)  # fmt: skip
+def test_bad_fewshot_condition_fails_before_training(tiny_project, monkeypatch, capsys, extra, message):
+    with pytest.raises(SystemExit) as exit_info:
+        _run_stage(tiny_project, monkeypatch, extra=extra)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 1 and len(err) == 1 and message in err[0] and "latent.fewshot" in err[0]
+    assert not (tiny_project / "models/latent").exists() and not (tiny_project / "metrics/latent.json").exists()

@@ -36,7 +36,7 @@ PER_DATASET = {
     "prepare": {"test_fraction", "folder", "attributes"},
     "baseline": {"path", "config", "sample_size", "images"},
     "train": {"images"},
-    "latent": {"depth", "images", "weight_decay"},
+    "latent": {"depth", "images", "weight_decay", "fewshot_attributes"},
 }
 NAMES = sorted(EXPECTED)
 
@@ -87,6 +87,13 @@ def test_paper_values(name):
     assert lat.clip_noise and lat.clip_x0 and lat.shift_fraction == 0.7
     assert ev.steps == [10, 20, 50, 100] and ev.inversion_steps == 1000 and ev.n_boot >= 2
     assert bl.sample_size == size
+
+
+def test_attribute_presets_run_fewshot_on_the_d2c_pairs():
+    for name in ("celeba64", "celebahq128"):
+        lat = load(name)["latent"]
+        assert lat.fewshot_attributes == ["Male", "Blond_Hair"] and lat.fewshot_features == "inception"
+    assert load("ffhq128")["latent"].fewshot_attributes is None
 
 
 def test_ffhq128_is_500k_steps_at_batch_128():

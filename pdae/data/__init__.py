@@ -15,8 +15,10 @@ from pdae.data.prepare import (
     load_attributes,
     load_raw_dataset,
     load_split,
+    load_validation_ids,
     prepare_dataset,
     split_indices,
+    validation_mask,
 )
 from pdae.data.tables import read_attribute_table
 
@@ -32,10 +34,12 @@ __all__ = [
     "load_label_classifier",
     "load_raw_dataset",
     "load_split",
+    "load_validation_ids",
     "open_image_dataset",
     "prepare_dataset",
     "read_attribute_table",
     "save_label_classifier",
     "split_indices",
     "train_label_classifier",
+    "validation_mask",
 ]

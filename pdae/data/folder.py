@@ -229,12 +229,13 @@ def load_folder_data(
 ) -> RawData:
     """Read an image folder or Diff-AE LMDB and its optional attribute table.
 
-    Returns images float32 (N, C, S, S) in [-1, 1] (C = 3 unless `channels` == 1) and a table with `filename`
+    Returns images float32 (N, C, S, S) in [-1, 1] and a table with `filename`
     plus the binary attribute columns (int 0/1) and `label` of the table, in image order. The table is checked
     before any image is decoded; every image must have exactly one row (extra rows are ignored and counted).
+    C is `channels` when given; otherwise 1 when every image is grey (R = G = B everywhere), else 3.
     """
     folder = Path(folder)
-    channels = channels or 3
+    detect, channels = channels is None, channels or 3
     table = read_attribute_table(attributes, filename_column) if attributes is not None else None
     if is_lmdb_dir(folder):
         dataset: Dataset = LmdbImageDataset(folder, image_size, channels)
@@ -254,4 +255,11 @@ def load_folder_data(
         out = pd.concat([out, picked.drop(columns=["filename"])], axis=1)
         info["attribute_rows_unused"] = len(table) - len(rows)
     images = stack_dataset(dataset, progress=progress, desc="loading images")
+    if detect and is_greyscale(images):
+        images = images[:, :1].contiguous()
     return RawData(images=images, table=out, info=info)
+
+
+def is_greyscale(images: torch.Tensor) -> bool:
+    """True when RGB images (N, 3, H, W) have equal channels everywhere (a greyscale set decoded as RGB)."""
+    return images.shape[1] == 3 and bool((images[:, 0] == images[:, 1]).all() and (images[:, 1] == images[:, 2]).all())

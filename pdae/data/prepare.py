@@ -3,6 +3,8 @@
 Layout of a prepared folder:
   train.safetensors, test.safetensors  `images` float32 (N, C, S, S) in [-1, 1], `ids` int64 (N,)
   attributes.csv                       `id` (= row number), `split`, [`filename`], binary attributes 0/1, [`label`]
+  validation.json                      {"ids": [...]} ids of train rows held out for choosing settings (an index
+                                       list into the train split, not a copy; the test split is never used for it)
   label_classifier/                    model.safetensors + config.json (absent when the dataset has no label)
   samples.png                          grid of train images
 """
@@ -24,9 +26,10 @@ from pdae.config import BaseConfig, PrepareConfig
 from pdae.data.base import RESERVED_COLUMNS, RawData, set_channels
 from pdae.data.classifier import evaluate_label_classifier, save_label_classifier, train_label_classifier
 from pdae.errors import PdaeError
-from pdae.io import load_tensors, save_image_grid, save_tensors, write_csv
+from pdae.io import load_tensors, read_json, save_image_grid, save_tensors, write_csv, write_json
 
 SPLITS = ("train", "test")
+VALIDATION_NAME = "validation.json"
 
 
 def load_raw_dataset(base: BaseConfig, cfg: PrepareConfig, progress: bool = False) -> RawData:
@@ -75,6 +78,20 @@ def split_indices(n: int, labels: np.ndarray | None, test_fraction: float, seed:
             stratify = labels
     train, test = train_test_split(index, test_size=n_test, random_state=seed, shuffle=True, stratify=stratify)
     return np.sort(train).astype(np.int64), np.sort(test).astype(np.int64)
+
+
+def validation_indices(train_idx: np.ndarray, labels: np.ndarray | None, fraction: float, seed: int) -> np.ndarray:
+    """Seeded validation subset (sorted int64 ids) of the train ids `train_idx`, stratified like `split_indices`.
+
+    Empty when `fraction` is 0 or the train split has fewer than 2 rows. The seed is offset from the train/test one
+    so the two draws are independent.
+    """
+    n_val = min(len(train_idx) - 1, round(len(train_idx) * fraction)) if len(train_idx) >= 2 else 0
+    if n_val <= 0:
+        return np.zeros(0, dtype=np.int64)
+    sub = None if labels is None else labels[train_idx]
+    _, val = split_indices(len(train_idx), sub, n_val / len(train_idx), seed + 1)
+    return np.sort(train_idx[val]).astype(np.int64)
 
 
 def _attribute_frame(raw: RawData, test_idx: np.ndarray) -> pd.DataFrame:
@@ -144,6 +161,7 @@ def prepare_dataset(
     raw = load_raw_dataset(base, cfg, progress=progress)
     labels = raw.table["label"].to_numpy(dtype=np.int64) if raw.has_label else None
     train_idx, test_idx = split_indices(len(raw.images), labels, cfg.test_fraction, base.seed)
+    val_idx = validation_indices(train_idx, labels, cfg.validation_fraction, base.seed)
     frame = _attribute_frame(raw, test_idx)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
@@ -153,6 +171,7 @@ def prepare_dataset(
             tensors = {"images": raw.images[idx], "ids": torch.from_numpy(idx)}
             save_tensors(tmp / f"{split}.safetensors", tensors, metadata={**meta, "split": split})
         write_csv(tmp / "attributes.csv", frame)
+        write_json(tmp / VALIDATION_NAME, {"ids": val_idx.tolist(), "fraction": cfg.validation_fraction})
         grid = raw.images[train_idx[:64]]
         save_image_grid(tmp / "samples.png", grid, nrow=8, scale=max(1, 64 // base.image_size))
         classifier = _classifier(
@@ -174,6 +193,7 @@ def prepare_dataset(
         "n_images": len(raw.images),
         "n_train": len(train_idx),
         "n_test": len(test_idx),
+        "n_validation": len(val_idx),  # held-out subset of the train split for every choice of a setting
         "n_attributes": len(binary_attribute_names(frame)),
         **{k: v for k, v in raw.info.items()},
         "classifier": classifier,
@@ -199,6 +219,23 @@ def load_split(prepared_dir: str | Path, split: str) -> tuple[torch.Tensor, torc
             "re-run the prepare stage."
         )
     return images.float(), ids.long()
+
+
+def load_validation_ids(prepared_dir: str | Path) -> torch.Tensor:
+    """Ids int64 (V,) of the validation rows (a subset of the train split's ids) of a prepared folder."""
+    path = Path(prepared_dir) / VALIDATION_NAME
+    if not path.is_file():
+        raise PdaeError(f"{path} not found (prepared before validation splits existed); re-run the prepare stage.")
+    data = read_json(path, what="validation split")
+    ids = data.get("ids") if isinstance(data, dict) else None
+    if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
+        raise PdaeError(f"{path} has no integer list 'ids'; re-run the prepare stage (dvc repro prepare).")
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def validation_mask(train_ids: torch.Tensor, val_ids: torch.Tensor) -> torch.Tensor:
+    """Boolean (N,) over the train split's ids (N,): True where the row is in the validation split."""
+    return torch.isin(train_ids.long(), val_ids.long())
 
 
 def load_attributes(prepared_dir: str | Path) -> pd.DataFrame:
