@@ -78,7 +78,7 @@ def test_export_folder_format_and_card(run_dir):
     for name in names[1:]:  # every file but the card itself is listed with its digest
         assert f"| `{name}` | `{sha256_file(folder / name)}` |" in card
     assert "source: `train`" in card and "dataset: `digits`" in card and "n_train: 100" in card
-    assert "| final_loss | 0.5 |" in card and "direction_c: 0.01" in card  # metrics and params sections
+    assert "| final_loss | 0.5 |" in card and "probe_c: 1.0" in card  # metrics and params sections
     # Weights are the run's tensors exactly.
     from pdae.io import load_tensors
 
