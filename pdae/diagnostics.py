@@ -1,4 +1,4 @@
-"""Diagnostics of PDAE.md §5: the posterior-mean-gap curve and one-step denoising with and without G."""
+"""Diagnostics of docs/method.md §5: the posterior-mean-gap curve and one-step denoising with and without G."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Diffusion maths shared by the image DPM, PDAE and the latent DPM.
 
-Conventions (PDAE.md): T steps, t in {0..T-1}, abar_{-1} = 1, images in [-1, 1], the network predicts epsilon.
+Conventions (docs/method.md): T steps, t in {0..T-1}, abar_{-1} = 1, images in [-1, 1], the network predicts epsilon.
 All per-step quantities are float64 tables; `at(table, t, x)` gathers them for a batch and broadcasts to x.
 """
 

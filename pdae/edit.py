@@ -1,4 +1,4 @@
-"""Attribute manipulation and interpolation on top of the autoencoding API (PDAE.md §5).
+"""Attribute manipulation and interpolation on top of the autoencoding API (docs/method.md §5).
 
 - Manipulation: z_n' = z_n + s * sqrt(d) * w/‖w‖ in normalised space, de-normalise, decode with the x_T inverted
   from the ORIGINAL z (so only the semantics move, the stochastic details stay).

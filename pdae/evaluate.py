@@ -1,4 +1,4 @@
-"""Evaluation of a trained run (PDAE.md §6): the reconstruction table, FID/KID sets, the gap curve and their files.
+"""Evaluation of a trained run (docs/method.md §6): reconstruction table, FID/KID sets, gap curve, their files.
 
 `evaluate_run` is what the `evaluate` stage and `pdae evaluate` call. The reconstruction table decodes `n_images`
 test images (default: the whole test split) with T in `steps` DDIM steps: PDAE with x_T inferred by DDIM inversion

@@ -1,4 +1,4 @@
-"""FID/KID sets of the evaluation (PDAE.md §6) with bootstrap intervals, and the rankings those intervals allow.
+"""FID/KID sets of the evaluation (docs/method.md §6) with bootstrap intervals, and the rankings those intervals allow.
 
 Each generated set (bare-DPM samples, latent-DPM samples, random-x_T reconstructions of the test split) and the real
 test split (the small-sample floor) is scored against the real reference (the whole train split by default) in two

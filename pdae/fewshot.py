@@ -1,4 +1,4 @@
-"""Few-shot conditional generation in D2C's setting (PDAE.md §5) and the naive bare-DPM rejection baseline.
+"""Few-shot conditional generation in D2C's setting (docs/method.md §5) and the naive bare-DPM rejection baseline.
 
 A condition is a column of attributes.csv with integer classes: the `label` column or any binary attribute
 (classes 0 and 1). For each K in `latent.fewshot_k`:

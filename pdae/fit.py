@@ -1,4 +1,4 @@
-"""PDAE training: the weighted, shifted epsilon loss of PDAE.md §3 on top of the shared training loop."""
+"""PDAE training: the weighted, shifted epsilon loss of docs/method.md §3 on top of the shared training loop."""
 
 from __future__ import annotations
 

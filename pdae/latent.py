@@ -1,4 +1,4 @@
-"""Latent DPM (PDAE.md §5): unconditional and few-shot generation from z, and class-conditional G.
+"""Latent DPM (docs/method.md §5): unconditional and few-shot generation from z, and class-conditional G.
 
 The latent DPM models z normalised per dimension with the train statistics (latents/stats.safetensors):
 z_n = (z - mean) / std. It is an epsilon-predicting MLP (`pdae.nets.latent.LatentMLP`) on a constant-beta schedule

@@ -1,8 +1,8 @@
 """Linear probes on representations: per-dimension normalisation, attribute AUROC, label accuracy, directions.
 
-PDAE.md §5/§6: z is normalised per dimension with the train-split mean/std; a logistic-regression probe per binary
-attribute is fitted on the train split and scored by AUROC on the test split (never the training images). The unit
-normal w/‖w‖ of a probe fitted on normalised z is the attribute's edit direction (it points toward the positive
+docs/method.md §5/§6: z is normalised per dimension with the train-split mean/std; a logistic-regression probe per
+binary attribute is fitted on the train split and scored by AUROC on the test split (never the training images). The
+unit normal w/‖w‖ of a probe fitted on normalised z is the attribute's edit direction (it points toward the positive
 class). The same probes on raw pixels and on the bare DPM's inverted x_T are the comparison the method rests on.
 
 The classify stage takes the edit directions from probes with a stronger L2 penalty than the AUROC probes: on the

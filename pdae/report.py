@@ -16,7 +16,7 @@ from typing import Any
 from pdae.evaluate import ROWS, table_rows
 from pdae.io import write_text
 
-# The paper's anchor numbers (PDAE.md §7: CelebA-HQ 128, models trained on FFHQ 128, T = 100), for orientation only.
+# The paper's anchor numbers (docs/method.md §7: CelebA-HQ 128, trained on FFHQ 128, T = 100), for orientation only.
 PAPER_ANCHORS = [
     ("DDIM baseline (inferred x_T)", "49,152", 0.917, 0.063, 0.002),
     ("Diff-AE @130M, random x_T", "512", 0.677, 0.073, 0.007),
@@ -125,7 +125,7 @@ def render_report(
     out = ["# PDAE run report", ""]
     facts = {"generated": _dt.datetime.now().isoformat(timespec="seconds"), **(info or {})}
     out += [f"- **{k}**: {v}" for k, v in facts.items() if v not in (None, "")]
-    out += ["", "## Autoencoding reconstruction (PDAE.md §6)", ""]
+    out += ["", "## Autoencoding reconstruction (docs/method.md §6)", ""]
     if "reconstruction" in metrics:
         inv = metrics.get("inversion_steps")
         inv = f"one shared {inv}-step inversion" if isinstance(inv, int) else "T-step inversion (as decoding)"

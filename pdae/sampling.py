@@ -4,7 +4,7 @@ Every sampler takes a `model_fn(x, t) -> (eps_hat, g)`: `g` is the gradient esti
 plain DPM). The bare DPM, PDAE and the latent DPM all plug in this way (`plain(eps_fn)` adapts an eps-only
 network). The network is always called with the original timestep of the DDIM grid (`diffusion.ddim_grid`).
 
-How the shift enters (PDAE.md §4):
+How the shift enters (docs/method.md §4):
 - DDIM sampling and inversion: eps_tilde = eps_hat - sqrt(1 - abar_t) * scale * g   (classifier-guidance form);
 - DDPM sampling: eps_tilde = eps_hat + c_t * scale * g   (the training form).
 `shift_fraction` applies g only during the first fraction of the sampling steps (the latent-DPM decoder uses 0.7).

@@ -5,7 +5,7 @@ is ours. At every network evaluation it returns
 
     eps_tilde = eps_hat - sqrt(1 - abar_t) * scale * g        (the same classifier-guidance form as our DDIM)
 
-so the schedulers see an epsilon-prediction model whose mean is shifted by G (PDAE.md §4).
+so the schedulers see an epsilon-prediction model whose mean is shifted by G (docs/method.md §4).
 
 Choices (docs: this module is the reference):
 - Betas are handed over as `trained_betas` with `num_train_timesteps = T`, `prediction_type = "epsilon"` and the

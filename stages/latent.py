@@ -1,4 +1,7 @@
-"""DVC stage `latent`: latent DPM on z, unconditional and few-shot generation, class-conditional G (PDAE.md §5)."""
+"""DVC stage `latent`: latent DPM on z, unconditional and few-shot generation, class-conditional G.
+
+The method: docs/method.md §5.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""The PDAE objective as a formula (PDAE.md §4, paper eq. 9-11): the loss, the shift coefficient, training on a toy
-problem with a known posterior mean, the DDPM/DDIM shift schedule and G's "scale and shift twice" modulation."""
+"""The PDAE objective as a formula (docs/method.md §4, paper eq. 9-11): the loss, the shift coefficient, training on a
+toy problem with a known posterior mean, the DDPM/DDIM shift schedule and G's "scale and shift twice" modulation."""
 
 from __future__ import annotations
 

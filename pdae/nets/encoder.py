@@ -1,4 +1,4 @@
-"""The semantic encoder E: x0 -> z (PDAE.md §2), and the label embedding used instead of E for class-conditional G."""
+"""The semantic encoder E: x0 -> z (docs/method.md §2), and the label embedding standing in for E (class-cond. G)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from torch import nn
 
 from pdae.nets.layers import SelfAttention, group_norm
 
-# Output channels of each stride-2 conv, per image size. 128 and 64 px are the paper's plans (PDAE.md §2); 32 and
-# 16 px are our small defaults: the paper's 64-128 widths, attention at 16x16 (32 px) or 8x8 (16 px).
+# Output channels of each stride-2 conv, per image size. 128 and 64 px are the paper's plans (docs/method.md §2);
+# 32 and 16 px are our small defaults: the paper's 64-128 widths, attention at 16x16 (32 px) or 8x8 (16 px).
 ENCODER_PLANS: dict[int, list[int]] = {
     128: [64, 128, 256, 256, 256],
     64: [64, 128, 128, 128],
@@ -86,7 +86,7 @@ class Encoder(nn.Module):
 
 
 class LabelEncoder(nn.Module):
-    """Class-conditional stand-in for E: a learned embedding per class, used as z (PDAE.md §5, class-conditional G).
+    """Class-conditional stand-in for E: a learned embedding per class, used as z (docs/method.md §5).
 
     forward(labels): integer labels (N,) in [0, num_classes) -> z (N, z_dim).
     """

@@ -1,5 +1,5 @@
-"""The gradient estimator G(x_t, z, t) (PDAE.md §2): a new, z-conditioned middle block and up path that mirror the
-frozen UNet's channel plan and consume the frozen down path's features."""
+"""The gradient estimator G(x_t, z, t) (docs/method.md §2): a new, z-conditioned middle block and up path that
+mirror the frozen UNet's channel plan and consume the frozen down path's features."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The latent DPM's noise predictor: an MLP with input skips on normalised z (PDAE.md §5, Diff-AE's MLPSkipNet).
+"""The latent DPM's noise predictor: an MLP with input skips on normalised z (docs/method.md §5, Diff-AE's MLPSkipNet).
 
     t -> sinusoid(time_dim) -> Linear(time_dim, time_width) -> SiLU -> Linear(time_width, time_width) = t_emb
     h = z_t
